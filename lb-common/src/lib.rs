@@ -1,0 +1,311 @@
+//! Map keys and values shared by the XDP program and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the
+//! layout byte for byte. Addresses and ports are kept in network byte order,
+//! as they appear on the wire, so the data path never swaps bytes.
+#![no_std]
+
+/// Services the data path can hold (VIP:port pairs).
+pub const MAX_SERVICES: u32 = 256;
+/// Backend slots per service. A power of two so a slot index can be masked.
+pub const MAX_BACKENDS: u32 = 256;
+/// Default connection-table capacity in flows; each flow uses two entries.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Flow keys the agent hands to the expire program in one call.
+pub const EXPIRE_BATCH: usize = 64;
+
+pub const PROTO_TCP: u8 = 6;
+
+/// A virtual service: the VIP and port clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the data path knows of a service: which row of `BACKENDS` and
+/// `ACTIVE` is its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Service {
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// The backend may be chosen for new flows. The agent clears it for backends
+/// that are down, draining, disabled or removed; established flows are kept.
+pub const BACKEND_ELIGIBLE: u8 = 1;
+
+/// One backend slot of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u8,
+    /// 0 for primaries; backups have a higher tier and are chosen only when no
+    /// backend of a lower tier can take the flow.
+    pub tier: u8,
+    /// Effective weight; 0 takes no new flows.
+    pub weight: u32,
+    /// Cap on active connections; 0 is no cap.
+    pub max_conns: u32,
+}
+
+/// The backend slots of one service. Written only by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BackendSet {
+    /// Slots in use are `0..len`; slots within may be ineligible.
+    pub len: u32,
+    pub _pad: u32,
+    pub slots: [Backend; MAX_BACKENDS as usize],
+}
+
+impl Default for BackendSet {
+    fn default() -> Self {
+        Self { len: 0, _pad: 0, slots: [Backend::default(); MAX_BACKENDS as usize] }
+    }
+}
+
+/// Active connections per backend slot of one service. Only the data path
+/// writes it, with atomic adds: one up when a flow is assigned, one down when
+/// the flow leaves the live state (closed, reset or expired).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ActiveCounts {
+    pub active: [u64; MAX_BACKENDS as usize],
+}
+
+impl Default for ActiveCounts {
+    fn default() -> Self {
+        Self { active: [0; MAX_BACKENDS as usize] }
+    }
+}
+
+/// A TCP flow as seen in one direction on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Client to VIP: the destination is rewritten to the backend.
+pub const DIR_FORWARD: u8 = 0;
+/// Backend to client: the source is rewritten to the VIP.
+pub const DIR_REPLY: u8 = 1;
+
+/// Flow state bits, kept in the forward entry and changed only atomically.
+pub const FLOW_CLIENT_FIN: u32 = 1;
+pub const FLOW_BACKEND_FIN: u32 = 2;
+pub const FLOW_RESET: u32 = 4;
+/// Set by the expire program just before it deletes the flow; nothing else
+/// touches an expired entry.
+pub const FLOW_EXPIRED: u32 = 8;
+const FLOW_BOTH_FIN: u32 = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
+/// The high bits count reuses of the entry, so a compare-and-swap never
+/// mistakes a reused entry for the one it read.
+pub const FLOW_GENERATION_ONE: u32 = 1 << 8;
+
+/// A flow no longer holds a connection slot on its backend.
+#[inline(always)]
+pub const fn flow_closed(state: u32) -> bool {
+    state & (FLOW_RESET | FLOW_EXPIRED) != 0 || state & FLOW_BOTH_FIN == FLOW_BOTH_FIN
+}
+
+/// One direction of a tracked flow. Each flow has two entries in the table,
+/// so that a packet of either direction is found with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flow {
+    /// `FLOW_*` bits and generation; meaningful in the forward entry only.
+    pub state: u32,
+    pub service: u16,
+    pub slot: u16,
+    /// Forward: the backend address; reply: the VIP.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub direction: u8,
+    pub _pad: u8,
+    /// One's-complement differences the rewrite adds to each checksum,
+    /// computed once when the flow is created.
+    pub ip_csum_diff: u16,
+    pub l4_csum_diff: u16,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction;
+    /// 0 in a reply entry until the backend has answered.
+    pub last_seen: u64,
+}
+
+/// Traffic per backend slot, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendStats {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Flows assigned to this backend since the slot was last cleared.
+    pub new_flows: u64,
+}
+
+/// Program-wide counters, per CPU. Indexes into `Counters::values`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Packets = 0,
+    VerdictPass,
+    VerdictTx,
+    VerdictRedirect,
+    VerdictDrop,
+    NewFlows,
+    ClosedFlows,
+    /// SYN to a service whose backends cannot take a new flow.
+    NoBackend,
+    /// The connection table was full; the SYN was dropped (the client retries).
+    TableFull,
+    /// Forwarded to the kernel because the next hop's MAC is not known yet.
+    NoNeighbour,
+    /// The route lookup failed for another reason; the kernel decides.
+    FibFailed,
+    MalformedIp,
+    MalformedTcp,
+    /// IPv4 fragments are never rewritten: the kernel decides.
+    Fragment,
+    /// A non-SYN packet to a service with no tracked flow.
+    UntrackedToService,
+}
+
+pub const COUNTER_COUNT: usize = 15;
+
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
+    "packets",
+    "verdict_pass",
+    "verdict_tx",
+    "verdict_redirect",
+    "verdict_drop",
+    "new_flows",
+    "closed_flows",
+    "no_backend",
+    "table_full",
+    "no_neighbour",
+    "fib_failed",
+    "malformed_ip",
+    "malformed_tcp",
+    "fragment",
+    "untracked_to_service",
+];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Counters {
+    pub values: [u64; COUNTER_COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { values: [0; COUNTER_COUNT] }
+    }
+}
+
+/// Idle timeouts in nanoseconds, by flow state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No answer from the backend yet.
+    pub syn: u64,
+    pub established: u64,
+    /// One side has sent FIN.
+    pub fin: u64,
+    /// Closed; kept briefly so trailing ACKs and retransmitted FINs are still
+    /// rewritten.
+    pub closed: u64,
+}
+
+/// Which timeout applies to a flow, from its forward state and whether the
+/// backend has answered. Shared so the agent's scan and the expire program
+/// agree on what is idle.
+#[inline(always)]
+pub const fn flow_timeout(t: &Timeouts, state: u32, replied: bool) -> u64 {
+    if flow_closed(state) {
+        t.closed
+    } else if state & FLOW_BOTH_FIN != 0 {
+        t.fin
+    } else if !replied {
+        t.syn
+    } else {
+        t.established
+    }
+}
+
+/// The message the agent passes to the expire program through
+/// BPF_PROG_TEST_RUN. It starts with room for an Ethernet header because the
+/// kernel requires one in XDP test input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExpireRequest {
+    pub _eth: [u8; 16],
+    pub timeouts: Timeouts,
+    pub count: u32,
+    /// Written by the program: how many of the flows it expired.
+    pub expired: u32,
+    pub keys: [FlowKey; EXPIRE_BATCH],
+}
+
+impl Default for ExpireRequest {
+    fn default() -> Self {
+        Self {
+            _eth: [0; 16],
+            timeouts: Timeouts::default(),
+            count: 0,
+            expired: 0,
+            keys: [FlowKey::default(); EXPIRE_BATCH],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            unsafe impl aya::Pod for $t {}
+            unsafe impl bytemuck::Zeroable for $t {}
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts, ExpireRequest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 12);
+        assert_eq!(size_of::<Flow>(), 32);
+        assert_eq!(size_of::<Timeouts>(), 32);
+        assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 8 + 12 * EXPIRE_BATCH);
+        assert_eq!(COUNTER_NAMES.len(), Counter::UntrackedToService as usize + 1);
+    }
+
+    #[test]
+    fn closed_when_reset_expired_or_both_fins() {
+        assert!(!flow_closed(0));
+        assert!(!flow_closed(FLOW_CLIENT_FIN));
+        assert!(!flow_closed(FLOW_BACKEND_FIN | 5 * FLOW_GENERATION_ONE));
+        assert!(flow_closed(FLOW_CLIENT_FIN | FLOW_BACKEND_FIN));
+        assert!(flow_closed(FLOW_RESET));
+        assert!(flow_closed(FLOW_EXPIRED));
+    }
+}

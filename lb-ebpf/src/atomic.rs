@@ -1,0 +1,21 @@
+//! Atomic operations on map values, which both CPUs may touch at once.
+//! `core::sync::atomic` has no read-modify-write operations for the BPF target,
+//! so these use the intrinsics; the fetching forms need BPF CPU v3 (the build
+//! passes `-C target-cpu=v3`).
+use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, AtomicOrdering::SeqCst};
+
+#[inline(always)]
+pub fn add(value: *mut u64, delta: u64) {
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(value, delta) };
+}
+
+/// Sets `bits` and returns the value before.
+#[inline(always)]
+pub fn fetch_or(value: *mut u32, bits: u32) -> u32 {
+    unsafe { atomic_or::<u32, u32, { SeqCst }>(value, bits) }
+}
+
+#[inline(always)]
+pub fn compare_exchange(value: *mut u32, current: u32, new: u32) -> bool {
+    unsafe { atomic_cxchg::<u32, { SeqCst }, { SeqCst }>(value, current, new) }.1
+}

@@ -1,0 +1,268 @@
+//! The connection table: finding a packet's flow, opening flows on SYN,
+//! following FIN/RST, and counting each flow on its backend exactly once.
+//!
+//! A flow counts as active from the moment it is assigned until its forward
+//! entry's state first becomes closed. Every change of that state is atomic
+//! (fetch-or, compare-and-swap), so exactly one CPU or expire call sees the
+//! change from live to closed, and only that one takes the count down.
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use lb_common::{
+    flow_closed, flow_timeout, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
+    DIR_REPLY, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_EXPIRED, FLOW_GENERATION_ONE, FLOW_RESET,
+    MAX_BACKENDS, PROTO_TCP,
+};
+
+use crate::{
+    atomic,
+    maps::{ACTIVE, FLOWS, SERVICES},
+    nat::csum_diffs,
+    parse::{TcpPacket, TCP_FIN, TCP_RST},
+    schedule, stats,
+};
+
+const EEXIST: i32 = 17;
+/// `last_seen` is refreshed at most this often (ns), to keep the flow's cache
+/// line clean on most packets.
+const TOUCH_EVERY_NS: u64 = 1 << 28;
+const FLAG_BITS: u32 = FLOW_GENERATION_ONE - 1;
+
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<*mut Flow> {
+    FLOWS.get_ptr_mut(key)
+}
+
+/// A SYN on a closed flow's 5-tuple starts a new flow in the same entry.
+#[inline(always)]
+pub fn reusable(flow: *const Flow) -> bool {
+    unsafe { (*flow).direction == DIR_FORWARD && flow_closed((*flow).state) }
+}
+
+/// Bookkeeping for a packet of a known flow.
+#[inline(always)]
+pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) {
+    unsafe {
+        if now.wrapping_sub((*flow).last_seen) > TOUCH_EVERY_NS {
+            (*flow).last_seen = now;
+        }
+    }
+    if pkt.flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let direction = unsafe { (*flow).direction };
+    let bit = if pkt.flags & TCP_RST != 0 {
+        FLOW_RESET
+    } else if direction == DIR_FORWARD {
+        FLOW_CLIENT_FIN
+    } else {
+        FLOW_BACKEND_FIN
+    };
+    if direction == DIR_FORWARD {
+        mark(flow, bit);
+    } else if let Some(forward) = forward_of_reply(key, flow) {
+        mark(forward, bit);
+    }
+}
+
+/// The forward entry a reply entry belongs to: its client is the reply's
+/// destination, its VIP the reply's rewrite target.
+#[inline(always)]
+fn forward_of_reply(key: &FlowKey, reply: *const Flow) -> Option<*mut Flow> {
+    let (vip, vport, service, slot) =
+        unsafe { ((*reply).nat_addr, (*reply).nat_port, (*reply).service, (*reply).slot) };
+    let forward_key = FlowKey { saddr: key.daddr, daddr: vip, sport: key.dport, dport: vport };
+    let forward = FLOWS.get_ptr_mut(&forward_key)?;
+    let same = unsafe {
+        (*forward).direction == DIR_FORWARD
+            && (*forward).service == service
+            && (*forward).slot == slot
+    };
+    same.then_some(forward)
+}
+
+/// Sets a state bit; takes the flow off its backend's count if this is what
+/// closed it.
+#[inline(always)]
+fn mark(forward: *mut Flow, bit: u32) {
+    let before = atomic::fetch_or(unsafe { &mut (*forward).state }, bit);
+    if !flow_closed(before) && flow_closed(before | bit) {
+        unsafe { release((*forward).service, (*forward).slot) };
+    }
+}
+
+#[inline(always)]
+fn active_count(service: u16, slot: u16) -> Option<*mut u64> {
+    let counts = ACTIVE.get_ptr_mut(service as u32)?;
+    Some(unsafe { &mut (*counts).active[(slot as u32 & (MAX_BACKENDS - 1)) as usize] })
+}
+
+#[inline(always)]
+fn release(service: u16, slot: u16) {
+    if let Some(count) = active_count(service, slot) {
+        atomic::add(count, u64::MAX); // minus one
+    }
+    stats::count(Counter::ClosedFlows);
+}
+
+#[inline(always)]
+fn assign(service: u16, slot: u16) {
+    if let Some(count) = active_count(service, slot) {
+        atomic::add(count, 1);
+    }
+    if let Some(s) = stats::backend(service, slot) {
+        unsafe { (*s).new_flows += 1 };
+    }
+    stats::count(Counter::NewFlows);
+}
+
+pub enum Opened {
+    Flow(Flow),
+    NotAService,
+    Drop(Option<Counter>),
+}
+
+/// A SYN with no live flow: choose a backend and record the flow both ways.
+/// `existing` is a closed forward entry on the same 5-tuple, if any.
+#[inline(always)]
+pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64) -> Opened {
+    let service_key = ServiceKey { addr: key.daddr, port: key.dport, proto: PROTO_TCP, _pad: 0 };
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        return Opened::NotAService;
+    };
+    let service_id = service.id;
+    let Some(choice) = schedule::choose(service_id) else {
+        // Dropped, not refused: the client retries the SYN, and a backend may
+        // be able to take it by then.
+        return Opened::Drop(Some(Counter::NoBackend));
+    };
+    let backend = choice.backend;
+    let service = service_id as u16;
+
+    let (ip_diff, l4_diff) = csum_diffs(key.daddr, key.dport, backend.addr, backend.port);
+    let mut forward = Flow {
+        state: 0,
+        service,
+        slot: choice.slot,
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        direction: DIR_FORWARD,
+        ip_csum_diff: ip_diff,
+        l4_csum_diff: l4_diff,
+        last_seen: now,
+        ..Flow::default()
+    };
+    let reply_key = FlowKey {
+        saddr: backend.addr,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+    };
+    let (ip_diff, l4_diff) = csum_diffs(backend.addr, backend.port, key.daddr, key.dport);
+    let reply = Flow {
+        service,
+        slot: choice.slot,
+        nat_addr: key.daddr,
+        nat_port: key.dport,
+        direction: DIR_REPLY,
+        ip_csum_diff: ip_diff,
+        l4_csum_diff: l4_diff,
+        ..Flow::default()
+    };
+
+    let forward_entry = match existing {
+        Some(entry) => {
+            let observed = unsafe { core::ptr::read_volatile(&(*entry).state) };
+            if observed & FLOW_EXPIRED != 0 {
+                // Being deleted right now; the client's retry finds it gone.
+                return Opened::Drop(None);
+            }
+            forward.state = (observed & !FLAG_BITS).wrapping_add(FLOW_GENERATION_ONE);
+            if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, forward.state) {
+                return Opened::Drop(None);
+            }
+            let old_reply_key = unsafe {
+                FlowKey {
+                    saddr: (*entry).nat_addr,
+                    daddr: key.saddr,
+                    sport: (*entry).nat_port,
+                    dport: key.sport,
+                }
+            };
+            if old_reply_key != reply_key {
+                let _ = FLOWS.remove(&old_reply_key);
+            }
+            unsafe { *entry = forward };
+            entry
+        }
+        None => {
+            if let Err(e) = FLOWS.insert(key, &forward, BPF_NOEXIST as u64) {
+                // EEXIST: another CPU opened the same flow a moment ago.
+                return Opened::Drop((e != -EEXIST).then_some(Counter::TableFull));
+            }
+            match FLOWS.get_ptr_mut(key) {
+                Some(entry) => entry,
+                None => return Opened::Drop(None),
+            }
+        }
+    };
+    assign(service, choice.slot);
+    if FLOWS.insert(&reply_key, &reply, BPF_ANY as u64).is_err() {
+        // Without its reply entry the flow cannot work: close it again.
+        mark(forward_entry, FLOW_RESET);
+        return Opened::Drop(Some(Counter::TableFull));
+    }
+    Opened::Flow(forward)
+}
+
+/// Removes a forward flow and its reply entry if it has been idle for its
+/// state's timeout. The agent calls this for flows its scan found idle; the
+/// check is made again here, atomically with the removal.
+#[inline(always)]
+pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
+    let Some(forward) = FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    let (observed, last_seen, backend, backend_port, service, slot) = unsafe {
+        if (*forward).direction != DIR_FORWARD {
+            return false;
+        }
+        (
+            core::ptr::read_volatile(&(*forward).state),
+            (*forward).last_seen,
+            (*forward).nat_addr,
+            (*forward).nat_port,
+            (*forward).service,
+            (*forward).slot,
+        )
+    };
+    if observed & FLOW_EXPIRED != 0 {
+        return false;
+    }
+    let reply_key = FlowKey { saddr: backend, daddr: key.saddr, sport: backend_port, dport: key.sport };
+    let mut replied_at = 0u64;
+    let mut reply_is_ours = false;
+    if let Some(reply) = FLOWS.get_ptr(&reply_key) {
+        unsafe {
+            reply_is_ours = (*reply).direction == DIR_REPLY
+                && (*reply).nat_addr == key.daddr
+                && (*reply).nat_port == key.dport;
+            if reply_is_ours {
+                replied_at = (*reply).last_seen;
+            }
+        }
+    }
+    let latest = if replied_at > last_seen { replied_at } else { last_seen };
+    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, replied_at != 0) {
+        return false;
+    }
+    if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
+        return false; // a packet changed it meanwhile: not idle after all
+    }
+    if !flow_closed(observed) {
+        release(service, slot);
+    }
+    if reply_is_ours {
+        let _ = FLOWS.remove(&reply_key);
+    }
+    let _ = FLOWS.remove(key);
+    true
+}

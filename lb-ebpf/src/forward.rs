@@ -1,0 +1,77 @@
+//! Sending a rewritten packet on: the kernel's routing table and neighbour
+//! cache decide the next hop, as they would for a forwarded packet.
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{Counter, PROTO_TCP};
+
+use crate::{
+    csum::{apply, diff16},
+    parse::TcpPacket,
+};
+
+const AF_INET: u8 = 2;
+
+pub struct Sent {
+    pub action: u32,
+    pub counter: Counter,
+}
+
+#[inline(always)]
+pub fn send(ctx: &XdpContext, pkt: &TcpPacket) -> Sent {
+    let ip = unsafe { &mut *pkt.ip };
+    if ip.ttl <= 1 {
+        // The kernel answers with ICMP time exceeded.
+        return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
+    }
+    let mut fib: FibParams = unsafe { mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = PROTO_TCP;
+    unsafe {
+        fib.sport = u16::from_ne_bytes((*pkt.tcp).source);
+        fib.dport = u16::from_ne_bytes((*pkt.tcp).dest);
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    }
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.ifindex = ingress;
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.ctx as *mut _, &mut fib, mem::size_of::<FibParams>() as i32, 0)
+    } as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        // The packet is already rewritten: the kernel forwards it, resolving
+        // the neighbour on the way, so the connection still works.
+        let counter = if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+            Counter::NoNeighbour
+        } else {
+            Counter::FibFailed
+        };
+        crate::stats::count(counter);
+        return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
+    }
+
+    // Forward as a router does: one hop less.
+    let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let new_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.check = apply(u16::from_ne_bytes(ip.check), crate::csum::fold(diff16(old_word, new_word)))
+        .to_ne_bytes();
+    unsafe {
+        (*pkt.eth).dst_addr = fib.dmac;
+        (*pkt.eth).src_addr = fib.smac;
+    }
+    if fib.ifindex == ingress {
+        Sent { action: xdp_action::XDP_TX, counter: Counter::VerdictTx }
+    } else {
+        let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+        Sent { action, counter: Counter::VerdictRedirect }
+    }
+}

@@ -1,0 +1,128 @@
+//! The XDP load balancer: parse → look up → choose → rewrite → send.
+#![no_std]
+#![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod atomic;
+mod conntrack;
+mod csum;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod schedule;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use conntrack::Opened;
+use lb_common::{Counter, ExpireRequest, EXPIRE_BATCH, DIR_FORWARD};
+use parse::Parsed;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let (action, verdict) = balance(&ctx);
+    stats::count_verdict(verdict);
+    action
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> (u32, Counter) {
+    const PASS: (u32, Counter) = (XDP_PASS, Counter::VerdictPass);
+    const DROP: (u32, Counter) = (XDP_DROP, Counter::VerdictDrop);
+
+    // Parse.
+    let pkt = match parse::parse(ctx) {
+        Parsed::Tcp(pkt) => pkt,
+        Parsed::Pass(reason) => {
+            if let Some(reason) = reason {
+                stats::count(reason);
+            }
+            return PASS;
+        }
+        Parsed::Drop(reason) => {
+            stats::count(reason);
+            return DROP;
+        }
+    };
+
+    // Look up the flow; on a SYN with no live flow, choose a backend.
+    let key = pkt.key();
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let existing = conntrack::lookup(&key);
+    let flow = match existing {
+        Some(entry) if !(pkt.is_syn() && conntrack::reusable(entry)) => {
+            conntrack::track(&pkt, &key, entry, now);
+            unsafe { *entry }
+        }
+        _ if pkt.is_syn() => match conntrack::open(&key, existing, now) {
+            Opened::Flow(flow) => flow,
+            Opened::NotAService => return PASS,
+            Opened::Drop(reason) => {
+                if let Some(reason) = reason {
+                    stats::count(reason);
+                }
+                return DROP;
+            }
+        },
+        // Not a flow of ours: the host's own traffic, or a stray segment the
+        // kernel will answer.
+        _ => return PASS,
+    };
+
+    // Rewrite.
+    nat::rewrite(&pkt, &flow);
+    if let Some(s) = stats::backend(flow.service, flow.slot) {
+        unsafe {
+            if flow.direction == DIR_FORWARD {
+                (*s).fwd_packets += 1;
+                (*s).fwd_bytes += pkt.len;
+            } else {
+                (*s).reply_packets += 1;
+                (*s).reply_bytes += pkt.len;
+            }
+        }
+    }
+
+    // Send.
+    let sent = forward::send(ctx, &pkt);
+    (sent.action, sent.counter)
+}
+
+/// Not attached: the agent runs it through BPF_PROG_TEST_RUN with a batch of
+/// idle flows, so that their removal and count release are atomic with
+/// respect to the packet path.
+#[xdp]
+pub fn lb_expire(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + core::mem::size_of::<ExpireRequest>() > ctx.data_end() {
+        return XDP_ABORTED;
+    }
+    let request = start as *mut ExpireRequest;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let timeouts = unsafe { (*request).timeouts };
+    let count = unsafe { (*request).count } as usize;
+    let mut expired = 0u32;
+    for i in 0..EXPIRE_BATCH {
+        if i >= count {
+            break;
+        }
+        let key = unsafe { (*request).keys[i] };
+        if conntrack::expire(&key, &timeouts, now) {
+            expired += 1;
+        }
+    }
+    unsafe { (*request).expired = expired };
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,34 @@
+//! The maps the program shares with the agent. Sizes here are defaults; the
+//! agent sets the connection table's size at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    ActiveCounts, BackendSet, BackendStats, Counters, Flow, FlowKey, Service, ServiceKey,
+    DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Indexed by service id.
+#[map]
+pub static BACKENDS: Array<BackendSet> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Indexed by service id; written only here, with atomic adds.
+#[map]
+pub static ACTIVE: Array<ActiveCounts> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Two entries per flow: the forward one, keyed as the client sends, and the
+/// reply one, keyed as the backend answers.
+#[map]
+pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// Indexed by `service id * MAX_BACKENDS + slot`.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);

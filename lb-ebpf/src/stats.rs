@@ -1,0 +1,29 @@
+//! Per-CPU counters: no locks and no shared cache lines on the packet path.
+use lb_common::{BackendStats, Counter, MAX_BACKENDS};
+
+use crate::maps::{BACKEND_STATS, COUNTERS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(c) = COUNTERS.get_ptr_mut(0) {
+        // The index is a constant below COUNTER_COUNT.
+        unsafe { (*c).values[counter as usize] += 1 };
+    }
+}
+
+/// Counts a packet and its verdict with one map lookup.
+#[inline(always)]
+pub fn count_verdict(verdict: Counter) {
+    if let Some(c) = COUNTERS.get_ptr_mut(0) {
+        unsafe {
+            (*c).values[Counter::Packets as usize] += 1;
+            (*c).values[verdict as usize] += 1;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn backend(service: u16, slot: u16) -> Option<*mut BackendStats> {
+    let index = service as u32 * MAX_BACKENDS + (slot as u32 & (MAX_BACKENDS - 1));
+    BACKEND_STATS.get_ptr_mut(index)
+}
