@@ -1,0 +1,232 @@
+//! The standard lab: a client, the load balancer and N backends, each in its
+//! own network namespace, joined by veth links and a bridge:
+//!
+//! ```text
+//! client 198.18.0.2 ── cli [lb] srv ── bridge ─┬─ backend 198.19.0.11
+//!                    198.18.0.1   198.19.0.1   ├─ backend 198.19.0.12
+//!                                              └─ ...
+//! ```
+//! The VIP is routed to the balancer; the backends' default route is the
+//! balancer, so replies come back through it.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{sh, Netns},
+    servers::EchoServer,
+};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const LB_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
+
+pub fn backend_addr(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11 + i as u8), 80)
+}
+
+pub struct Lab {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+    pub dir: PathBuf,
+    // Dropped last: the bridge the others hang off.
+    _switch: Netns,
+}
+
+impl Lab {
+    pub fn new(backends: usize) -> Self {
+        let client = Netns::new("client");
+        let lb = Netns::new("lb");
+        let switch = Netns::new("switch");
+        sh(&format!("ip link add eth0 netns {} type veth peer cli netns {}", client.name, lb.name));
+        sh(&format!("ip link add srv netns {} type veth peer uplink netns {}", lb.name, switch.name));
+        switch.exec("ip link add br0 type bridge && ip link set br0 up && ip link set uplink master br0 && ip link set uplink up");
+        client.exec(&format!(
+            "ip addr add {CLIENT}/24 dev eth0 && ip link set eth0 up && ip route add default via {LB_CLIENT_SIDE}"
+        ));
+        lb.exec(&format!(
+            "ip addr add {LB_CLIENT_SIDE}/24 dev cli && ip addr add {LB_SERVER_SIDE}/24 dev srv \
+             && ip link set cli up && ip link set srv up \
+             && sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
+        ));
+        let mut backend_ns = Vec::new();
+        for i in 0..backends {
+            let ns = Netns::new(&format!("b{}", i + 1));
+            let port = format!("p{}", i + 1);
+            sh(&format!("ip link add eth0 netns {} type veth peer {port} netns {}", ns.name, switch.name));
+            switch.exec(&format!("ip link set {port} master br0 && ip link set {port} up"));
+            ns.exec(&format!(
+                "ip addr add {}/24 dev eth0 && ip link set eth0 up && ip route add default via {LB_SERVER_SIDE}",
+                backend_addr(i).ip()
+            ));
+            backend_ns.push(ns);
+        }
+        // Senders compute full checksums (as packets from a real wire carry);
+        // receivers of XDP redirects need GRO on veth to take them.
+        for ns in std::iter::once(&client).chain(&backend_ns) {
+            ns.exec("ethtool -K eth0 tx off tso off gso off gro on >/dev/null");
+        }
+        switch.exec("ethtool -K uplink gro on >/dev/null");
+        lb.exec("ethtool -K cli gro on >/dev/null && ethtool -K srv gro on >/dev/null");
+        let dir = std::env::temp_dir().join(&lb.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { client, lb, backends: backend_ns, dir, _switch: switch }
+    }
+
+    /// An echo server on port 80 of every backend, named b1, b2, ...
+    pub fn start_servers(&self) -> Vec<EchoServer> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| EchoServer::start(ns, backend_addr(i), &format!("b{}", i + 1)))
+            .collect()
+    }
+
+    /// The config for one service "web" on VIP over these backends, with the
+    /// given weights and extra `[agent]` lines.
+    pub fn config(&self, weights: &[u32], agent_extra: &str) -> String {
+        let mut c = format!(
+            "[agent]\ninterfaces = [\"cli\", \"srv\"]\nsocket = \"{}\"\n{agent_extra}\n\n\
+             [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nscheduler = \"least_conn\"\nmode = \"nat\"\n",
+            self.socket().display()
+        );
+        for (i, w) in weights.iter().enumerate() {
+            c.push_str(&format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {w}\n", backend_addr(i)));
+        }
+        c
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("lb.sock")
+    }
+
+    /// Starts `lb agent` inside the balancer's namespace and waits until it
+    /// answers on its socket.
+    pub fn start_agent(&self, config: &str) -> Agent {
+        let path = self.dir.join("lb.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
+        let child = self
+            .lb
+            .command(lb_binary().to_str().unwrap())
+            .args(["agent", "--config"])
+            .arg(&path)
+            .env("LB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lb agent");
+        let agent = Agent { child, socket: self.socket(), log: self.dir.join("agent.log") };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.cli(&["status", "--json"]).is_err() {
+            if Instant::now() > deadline {
+                panic!("the agent did not come up; its log:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `lb` binary the tests run: `LB_BIN`, or the release build.
+pub fn lb_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LB_BIN") {
+        return bin.into();
+    }
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb");
+    assert!(bin.exists(), "{} is missing: run `cargo xtask build` (or `cargo xtask test`)", bin.display());
+    bin
+}
+
+pub struct Agent {
+    child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Runs an `lb` CLI command against this agent; Err holds its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(lb_binary())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let text = self.cli(&["status", "--json"]).expect("lb status --json");
+        serde_json::from_str(&text).expect("status is JSON")
+    }
+
+    /// Active connections per backend address of service `web`.
+    pub fn active(&self) -> Vec<(String, u64)> {
+        self.backends()
+            .iter()
+            .map(|b| (b["address"].as_str().unwrap().to_string(), b["active_connections"].as_u64().unwrap()))
+            .collect()
+    }
+
+    pub fn backends(&self) -> Vec<serde_json::Value> {
+        self.status()["services"][0]["backends"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `check` holds for the status, or panics with the last one.
+    pub fn wait_for(&self, what: &str, timeout: Duration, check: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if check(&status) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; status:\n{status:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent as a user would (SIGTERM) and returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Crafted Ethernet/IPv4/TCP frames, and checksums recomputed from scratch.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+#[derive(Clone, Debug)]
+pub struct Tcp {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub flags: u8,
+    pub ttl: u8,
+    pub ip_options: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Tcp {
+    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
+        Self { src, dst, flags, ttl: 64, ip_options: Vec::new(), payload: Vec::new() }
+    }
+
+    pub fn payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    pub fn ip_options(mut self, options: &[u8]) -> Self {
+        assert_eq!(options.len() % 4, 0);
+        self.ip_options = options.to_vec();
+        self
+    }
+
+    /// The frame, with correct IPv4 and TCP checksums.
+    pub fn frame(&self) -> Vec<u8> {
+        let ihl = 5 + self.ip_options.len() / 4;
+        let tcp_len = 20 + self.payload.len();
+        let total = ihl * 4 + tcp_len;
+        let mut f = Vec::new();
+        f.extend_from_slice(&LB_MAC);
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.push(0x40 | ihl as u8);
+        f.push(0);
+        f.extend_from_slice(&(total as u16).to_be_bytes());
+        f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]); // id, DF
+        f.push(self.ttl);
+        f.push(6);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&self.src.ip().octets());
+        f.extend_from_slice(&self.dst.ip().octets());
+        f.extend_from_slice(&self.ip_options);
+        f.extend_from_slice(&self.src.port().to_be_bytes());
+        f.extend_from_slice(&self.dst.port().to_be_bytes());
+        f.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+        f.extend_from_slice(&0u32.to_be_bytes()); // ack
+        f.push(5 << 4);
+        f.push(self.flags);
+        f.extend_from_slice(&0xfaf0u16.to_be_bytes()); // window
+        f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        f.extend_from_slice(&self.payload);
+        fix_checksums(&mut f);
+        f
+    }
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum()
+}
+
+fn finish(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ip_header_len(frame: &[u8]) -> usize {
+    ((frame[14] & 0x0f) as usize) * 4
+}
+
+/// The IPv4 header checksum computed from scratch.
+pub fn ip_checksum(frame: &[u8]) -> u16 {
+    let hl = ip_header_len(frame);
+    let mut header = frame[14..14 + hl].to_vec();
+    header[10] = 0;
+    header[11] = 0;
+    finish(sum16(&header))
+}
+
+/// The TCP checksum computed from scratch, pseudo-header included.
+pub fn tcp_checksum(frame: &[u8]) -> u16 {
+    let hl = ip_header_len(frame);
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let mut segment = frame[14 + hl..14 + total].to_vec();
+    segment[16] = 0;
+    segment[17] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((total - hl) as u16).to_be_bytes());
+    finish(sum16(&pseudo) + sum16(&segment))
+}
+
+fn fix_checksums(frame: &mut [u8]) {
+    let c = ip_checksum(frame);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    let hl = ip_header_len(frame);
+    let c = tcp_checksum(frame);
+    frame[14 + hl + 16..14 + hl + 18].copy_from_slice(&c.to_be_bytes());
+}
+
+/// What a test checks in a frame the program let out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub flags: u8,
+    pub ttl: u8,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub payload: Vec<u8>,
+}
+
+/// Parses a TCP frame and asserts both checksums equal a full recomputation.
+pub fn inspect(frame: &[u8]) -> Seen {
+    let hl = ip_header_len(frame);
+    let stored_ip = u16::from_be_bytes([frame[24], frame[25]]);
+    assert_eq!(stored_ip, ip_checksum(frame), "IPv4 header checksum is wrong");
+    let t = 14 + hl;
+    let stored_tcp = u16::from_be_bytes([frame[t + 16], frame[t + 17]]);
+    assert_eq!(stored_tcp, tcp_checksum(frame), "TCP checksum is wrong");
+    let addr = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let doff = ((frame[t + 12] >> 4) as usize) * 4;
+    Seen {
+        src: SocketAddrV4::new(addr(26), port(t)),
+        dst: SocketAddrV4::new(addr(30), port(t + 2)),
+        flags: frame[t + 13],
+        ttl: frame[22],
+        dst_mac: frame[0..6].try_into().unwrap(),
+        src_mac: frame[6..12].try_into().unwrap(),
+        payload: frame[t + doff..14 + total].to_vec(),
+    }
+}
