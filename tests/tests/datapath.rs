@@ -1,0 +1,378 @@
+//! The XDP program on crafted packets through BPF_PROG_TEST_RUN: verdicts,
+//! output bytes, checksums recomputed from scratch, flow table and counts.
+//!
+//! Each test runs in a namespace where the balancer's routes and neighbours
+//! exist (backends on 198.19.0.0/24, the client on 198.18.0.0/24), so the
+//! route lookup succeeds and rewritten packets are redirected as on a host.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb::{
+    balancer::Balancer,
+    config::{BackendConfig, Mode, Scheduler, ServiceConfig},
+    datapath::{Datapath, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+};
+use lb_common::{Counter, Timeouts};
+use lb_tests::{
+    netns::Netns,
+    packet::{inspect, Tcp, ACK, CLIENT_MAC, FIN, PSH, RST, SYN},
+    serial,
+};
+
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+fn backend(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11 + i as u8), 8080)
+}
+
+fn backend_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, 0x11 + i as u8]
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT, port)
+}
+
+/// A namespace with the balancer's two networks and permanent neighbours,
+/// and a freshly loaded program serving VIP over backends with `weights`.
+fn with_balancer<T: Send>(weights: &[u32], test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
+    let _serial = serial();
+    let ns = Netns::new("dp");
+    ns.exec(
+        "ip link add cli type veth peer cli-peer && ip link add srv type veth peer srv-peer \
+         && ip link set cli up && ip link set cli-peer up && ip link set srv up && ip link set srv-peer up \
+         && ip addr add 198.18.0.1/24 dev cli && ip addr add 198.19.0.1/24 dev srv \
+         && sysctl -qw net.ipv4.ip_forward=1",
+    );
+    ns.exec(&format!("ip neigh add {CLIENT} lladdr 02:00:00:00:00:02 dev cli nud permanent"));
+    for i in 0..weights.len().max(4) {
+        let mac = backend_mac(i).map(|b| format!("{b:02x}")).join(":");
+        ns.exec(&format!("ip neigh add {} lladdr {mac} dev srv nud permanent", backend(i).ip()));
+    }
+    let weights = weights.to_vec();
+    ns.run(move || {
+        let mut balancer = Balancer::new(Datapath::load(1024).expect("load the XDP program"));
+        let service = ServiceConfig {
+            name: "web".into(),
+            vip: VIP,
+            scheduler: Scheduler::LeastConn,
+            mode: Mode::Nat,
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| BackendConfig { address: backend(i), weight })
+                .collect(),
+        };
+        balancer.add_service(&service).unwrap();
+        test(&mut balancer)
+    })
+}
+
+fn run(b: &Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
+    b.datapath.run_packet(frame).expect("BPF_PROG_TEST_RUN")
+}
+
+fn active(b: &Balancer) -> Vec<u64> {
+    b.status().unwrap().services[0].backends.iter().map(|b| b.active_connections).collect()
+}
+
+fn counter(b: &Balancer, c: Counter) -> u64 {
+    b.datapath.counters().unwrap()[c as usize]
+}
+
+fn flow_entries(b: &Balancer) -> usize {
+    b.datapath.flows().len()
+}
+
+/// Sends the client's SYN and returns the backend it was sent to.
+fn open(b: &Balancer, port: u16) -> SocketAddrV4 {
+    let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).frame());
+    assert_eq!(verdict, XDP_REDIRECT);
+    inspect(&out).dst
+}
+
+fn backend_index(addr: SocketAddrV4) -> usize {
+    (addr.ip().octets()[3] - 11) as usize
+}
+
+#[test]
+fn syn_to_a_service_is_rewritten_to_a_backend_and_counted() {
+    with_balancer(&[1, 1, 1], |b| {
+        let syn = Tcp::new(client(40000), VIP, SYN);
+        let (verdict, out) = run(b, &syn.frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let seen = inspect(&out); // checksums verified from scratch
+        let chosen = backend_index(seen.dst);
+        assert!(chosen < 3 && seen.dst == backend(chosen), "went to {}", seen.dst);
+        assert_eq!(seen.src, client(40000), "the client's address is kept");
+        assert_eq!(seen.flags, SYN);
+        assert_eq!(seen.ttl, 63, "forwarded like a router");
+        assert_eq!(seen.dst_mac, backend_mac(chosen), "next hop from the neighbour table");
+        let mut expected = vec![0; 3];
+        expected[chosen] = 1;
+        assert_eq!(active(b), expected);
+        assert_eq!(counter(b, Counter::NewFlows), 1);
+        assert_eq!(flow_entries(b), 2, "one forward and one reply entry");
+    });
+}
+
+#[test]
+fn established_and_reply_packets_keep_their_backend_and_get_the_vip_back() {
+    with_balancer(&[1, 1, 1], |b| {
+        let chosen = open(b, 40001);
+        // The backend's SYN-ACK: the client must see it come from the VIP.
+        let (verdict, out) = run(b, &Tcp::new(chosen, client(40001), SYN | ACK).frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst), (VIP, client(40001)));
+        assert_eq!(seen.dst_mac, CLIENT_MAC);
+        // Data both ways, with odd-length payloads for the checksum.
+        for i in 0..5 {
+            let payload = vec![b'x' + i as u8; 1 + 2 * i];
+            let (verdict, out) =
+                run(b, &Tcp::new(client(40001), VIP, ACK | PSH).payload(&payload).frame());
+            assert_eq!(verdict, XDP_REDIRECT);
+            let seen = inspect(&out);
+            assert_eq!(seen.dst, chosen, "a flow keeps its backend");
+            assert_eq!(seen.payload, payload);
+            let (_, out) = run(b, &Tcp::new(chosen, client(40001), ACK).payload(&payload).frame());
+            assert_eq!(inspect(&out).src, VIP);
+        }
+        assert_eq!(active(b).iter().sum::<u64>(), 1);
+        assert_eq!(counter(b, Counter::NewFlows), 1);
+    });
+}
+
+#[test]
+fn ip_options_are_skipped_and_checksums_stay_valid() {
+    with_balancer(&[1], |b| {
+        let syn = Tcp::new(client(40002), VIP, SYN).ip_options(&[1, 1, 1, 0, 0x94, 4, 0, 0]);
+        let (verdict, out) = run(b, &syn.frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let seen = inspect(&out);
+        assert_eq!(seen.dst, backend(0));
+        assert_eq!(out[14] & 0x0f, 7, "the options are kept");
+    });
+}
+
+#[test]
+fn fin_both_ways_closes_the_flow_exactly_once() {
+    with_balancer(&[1], |b| {
+        let be = open(b, 40003);
+        run(b, &Tcp::new(be, client(40003), SYN | ACK).frame());
+        run(b, &Tcp::new(client(40003), VIP, FIN | ACK).frame());
+        assert_eq!(active(b), vec![1], "half-closed is still active");
+        let (verdict, out) = run(b, &Tcp::new(be, client(40003), FIN | ACK).frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(inspect(&out).src, VIP);
+        assert_eq!(active(b), vec![0]);
+        // Retransmitted FINs and the last ACK are still rewritten, and do not
+        // count the flow down again.
+        for _ in 0..3 {
+            let (verdict, out) = run(b, &Tcp::new(client(40003), VIP, FIN | ACK).frame());
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(inspect(&out).dst, be);
+            run(b, &Tcp::new(be, client(40003), FIN | ACK).frame());
+        }
+        run(b, &Tcp::new(client(40003), VIP, ACK).frame());
+        assert_eq!(active(b), vec![0]);
+        assert_eq!(counter(b, Counter::ClosedFlows), 1);
+    });
+}
+
+#[test]
+fn reset_from_either_side_closes_the_flow_once() {
+    with_balancer(&[1, 1], |b| {
+        let first = open(b, 40004);
+        let second = open(b, 40005);
+        assert_ne!(first, second, "least connections spreads two flows");
+        run(b, &Tcp::new(client(40004), VIP, RST).frame());
+        run(b, &Tcp::new(client(40004), VIP, RST).frame());
+        run(b, &Tcp::new(second, client(40005), RST | ACK).frame());
+        run(b, &Tcp::new(second, client(40005), RST | ACK).frame());
+        assert_eq!(active(b), vec![0, 0]);
+        assert_eq!(counter(b, Counter::ClosedFlows), 2);
+    });
+}
+
+#[test]
+fn a_syn_reusing_a_closed_flows_ports_is_a_new_flow() {
+    with_balancer(&[1, 1], |b| {
+        let first = open(b, 40006);
+        let other = open(b, 40007);
+        assert_ne!(first, other);
+        // Now `first` has no flow and `other` one: least connections must
+        // pick `first` for the new flow.
+        run(b, &Tcp::new(client(40006), VIP, RST).frame());
+        let again = open(b, 40006);
+        assert_eq!(again, first, "the new flow went to the least loaded backend");
+        assert_eq!(active(b), vec![1, 1]);
+        assert_eq!(counter(b, Counter::NewFlows), 3);
+        // A retransmitted SYN of the live flow is not another flow.
+        assert_eq!(open(b, 40006), again);
+        assert_eq!(counter(b, Counter::NewFlows), 3);
+        assert_eq!(flow_entries(b), 4);
+    });
+}
+
+#[test]
+fn new_flows_go_to_the_backend_with_fewest_connections_relative_to_weight() {
+    with_balancer(&[1, 1, 1], |b| {
+        let mut per_backend = [0; 3];
+        for port in 0..9 {
+            per_backend[backend_index(open(b, 41000 + port))] += 1;
+        }
+        assert_eq!(per_backend, [3, 3, 3]);
+        // Close two flows of one backend: the next two flows go there.
+        let flows = b.conntrack();
+        let victim = &flows[0].backend;
+        let mut closed = 0;
+        for f in flows.iter().filter(|f| &f.backend == victim).take(2) {
+            let c: SocketAddrV4 = f.client.parse().unwrap();
+            run(b, &Tcp::new(c, VIP, RST).frame());
+            closed += 1;
+        }
+        assert_eq!(closed, 2);
+        for port in 0..2 {
+            assert_eq!(open(b, 42000 + port).to_string(), *victim);
+        }
+    });
+    with_balancer(&[3, 1], |b| {
+        let mut per_backend = [0; 2];
+        for port in 0..8 {
+            per_backend[backend_index(open(b, 43000 + port))] += 1;
+        }
+        assert_eq!(per_backend, [6, 2], "weights 3:1");
+    });
+}
+
+#[test]
+fn ties_are_broken_at_random_not_always_the_first_backend() {
+    with_balancer(&[1, 1, 1, 1], |b| {
+        let mut chosen = [0; 4];
+        for port in 0..200 {
+            // Every flow closes before the next opens: all backends tie at 0.
+            chosen[backend_index(open(b, 44000 + port))] += 1;
+            run(b, &Tcp::new(client(44000 + port), VIP, RST).frame());
+        }
+        assert!(chosen.iter().all(|&n| n >= 20), "ties should spread: {chosen:?}");
+        assert_eq!(active(b), vec![0; 4]);
+    });
+}
+
+#[test]
+fn weight_zero_and_removed_backends_take_no_new_flows() {
+    with_balancer(&[1, 1], |b| {
+        b.set_weight("web", backend(0), 0).unwrap();
+        for port in 0..10 {
+            assert_eq!(open(b, 45000 + port), backend(1));
+        }
+        b.remove_backend("web", backend(1)).unwrap();
+        let (verdict, _) = run(b, &Tcp::new(client(45100), VIP, SYN).frame());
+        assert_eq!(verdict, XDP_DROP, "no backend can take it: the client retries");
+        assert_eq!(counter(b, Counter::NoBackend), 1);
+        // The removed backend's established flows still work.
+        let (verdict, out) = run(b, &Tcp::new(client(45000), VIP, ACK).frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(inspect(&out).dst, backend(1));
+    });
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_untouched() {
+    with_balancer(&[1], |b| {
+        let others = [
+            // The host's own TCP (SSH to the balancer's address).
+            Tcp::new(client(40010), SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 22), SYN).frame(),
+            // The VIP on another port.
+            Tcp::new(client(40011), SocketAddrV4::new(*VIP.ip(), 443), SYN).frame(),
+            // A non-SYN to the VIP with no flow: the kernel answers it.
+            Tcp::new(client(40012), VIP, ACK).frame(),
+        ];
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.resize(60, 0);
+        let mut udp_to_vip = Tcp::new(client(40013), VIP, 0).frame();
+        udp_to_vip[23] = 17;
+        let mut icmp = Tcp::new(client(0), VIP, 0).frame();
+        icmp[23] = 1;
+        for frame in others.iter().chain([&arp, &udp_to_vip, &icmp]) {
+            let (verdict, out) = run(b, frame);
+            assert_eq!(verdict, XDP_PASS);
+            assert_eq!(&out, frame, "passed untouched");
+        }
+        assert_eq!(flow_entries(b), 0);
+        assert_eq!(active(b), vec![0]);
+    });
+}
+
+#[test]
+fn malformed_packets_get_a_defined_verdict_and_touch_nothing() {
+    with_balancer(&[1], |b| {
+        let syn = Tcp::new(client(40020), VIP, SYN).frame();
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut frame = syn.clone();
+            f(&mut frame);
+            frame
+        };
+        let cases: Vec<(&str, Vec<u8>, u32, Option<Counter>)> = vec![
+            // (Frames shorter than an Ethernet header never reach XDP: the
+            // kernel refuses them even in BPF_PROG_TEST_RUN.)
+            ("truncated IPv4 header", syn[..30].to_vec(), XDP_DROP, Some(Counter::MalformedIp)),
+            ("IHL below 5", with(&|f| f[14] = 0x44), XDP_DROP, Some(Counter::MalformedIp)),
+            ("IHL past the total length", with(&|f| f[14] = 0x4f), XDP_DROP, Some(Counter::MalformedIp)),
+            ("IP version 6 in an IPv4 frame", with(&|f| f[14] = 0x65), XDP_DROP, Some(Counter::MalformedIp)),
+            ("total length past the frame", with(&|f| f[16..18].copy_from_slice(&200u16.to_be_bytes())), XDP_DROP, Some(Counter::MalformedIp)),
+            ("total length below the header", with(&|f| f[16..18].copy_from_slice(&10u16.to_be_bytes())), XDP_DROP, Some(Counter::MalformedIp)),
+            ("truncated TCP header", syn[..14 + 20 + 10].to_vec(), XDP_DROP, Some(Counter::MalformedIp)),
+            ("TCP header cut by the IP length", with(&|f| { f[16..18].copy_from_slice(&30u16.to_be_bytes()); }), XDP_DROP, Some(Counter::MalformedTcp)),
+            ("TCP data offset below 5", with(&|f| f[46] = 0x40), XDP_DROP, Some(Counter::MalformedTcp)),
+            ("TCP data offset past the segment", with(&|f| f[46] = 0xf0), XDP_DROP, Some(Counter::MalformedTcp)),
+            ("first fragment", with(&|f| f[20] = 0x20), XDP_PASS, Some(Counter::Fragment)),
+            ("later fragment", with(&|f| { f[20] = 0; f[21] = 0x10; }), XDP_PASS, Some(Counter::Fragment)),
+        ];
+        for (what, frame, verdict, reason) in cases {
+            let before = reason.map(|r| counter(b, r));
+            let (got, out) = run(b, &frame);
+            assert_eq!(got, verdict, "{what}");
+            if got == XDP_PASS {
+                assert_eq!(out, frame, "{what}: passed untouched");
+            }
+            if let (Some(r), Some(before)) = (reason, before) {
+                assert_eq!(counter(b, r), before + 1, "{what}: counted as {r:?}");
+            }
+            assert_eq!(flow_entries(b), 0, "{what}: no flow");
+            assert_eq!(active(b), vec![0], "{what}: no count");
+        }
+    });
+}
+
+#[test]
+fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
+    with_balancer(&[1, 1], |b| {
+        let idle = open(b, 40030);
+        let busy = open(b, 40031);
+        run(b, &Tcp::new(idle, client(40030), SYN | ACK).frame());
+        let long = Timeouts { syn: 3_600_000_000_000, established: 3_600_000_000_000, fin: 1, closed: 1 };
+        let report = lb::aging::age(&mut b.datapath, &long).unwrap();
+        assert_eq!(report.expired, 0, "nothing is idle for an hour");
+        assert_eq!(active(b), vec![1, 1]);
+
+        // 1 ns timeouts: both are idle now; they go, and their counts with them.
+        let short = Timeouts { syn: 1, established: 1, fin: 1, closed: 1 };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let report = lb::aging::age(&mut b.datapath, &short).unwrap();
+        assert_eq!(report.expired, 2);
+        assert_eq!(active(b), vec![0, 0]);
+        assert_eq!(flow_entries(b), 0);
+        // A closed flow that expires does not count down a second time.
+        let again = open(b, 40031);
+        run(b, &Tcp::new(client(40031), VIP, RST).frame());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(lb::aging::age(&mut b.datapath, &short).unwrap().expired, 1);
+        assert_eq!(active(b), vec![0, 0]);
+        let _ = (busy, again);
+    });
+}
