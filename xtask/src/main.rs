@@ -1,1 +1,133 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, tests and the demo lab, so that a fresh
+//! machine needs nothing but this repository and Rust.
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (quick when already there).
+    Setup,
+    /// Build `target/release/lb` with the XDP program embedded.
+    Build,
+    /// Run every test: unit tests, BPF_PROG_TEST_RUN tests, end-to-end tests
+    /// in network namespaces.
+    Test {
+        /// Passed to the test binaries (a test name filter, say).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build, then balance real connections in a lab of network namespaces.
+    Demo,
+}
+
+/// Debian packages the lab and tests use.
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build()
+        }
+        Task::Test { args } => {
+            setup()?;
+            build()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup()?;
+            build()?;
+            demo()
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+fn setup() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: loading XDP programs and creating network namespaces need it");
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")])))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the nightly Rust toolchain is missing: `rustup toolchain install nightly`");
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // bpf-linker's LLVM must match the nightly's; 0.10.x uses the
+    // toolchain's own libLLVM.
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
+        run(Command::new("cargo").args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"]))?;
+    }
+    if !output(&mut Command::new("mount")).lines().any(|l| l.contains("type bpf")) {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+    eprintln!("built target/release/lb");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // Test binaries run one after another, and the tests in each take a
+    // shared lock: they share the kernel's XDP and namespace state.
+    run(cargo()
+        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"])
+        .args(args))
+}
+
+fn demo() -> Result<()> {
+    run(&mut Command::new("target/release/lb-demo"))
+}
