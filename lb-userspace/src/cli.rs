@@ -136,7 +136,7 @@ pub fn render_status(status: &Status) -> String {
         let _ = writeln!(
             out,
             "service {}  {}  {}/{}  active {}  total {}",
-            s.name, s.vip, "least_conn", "nat", s.active_connections, s.total_connections
+            s.name, s.vip, s.scheduler, s.mode, s.active_connections, s.total_connections
         );
         let _ = writeln!(
             out,

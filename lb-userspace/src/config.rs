@@ -112,6 +112,22 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
 }
 
+impl std::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scheduler::LeastConn => "least_conn",
+        })
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Nat => "nat",
+        })
+    }
+}
+
 pub const MAX_WEIGHT: u32 = 65_535;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
