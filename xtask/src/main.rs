@@ -30,7 +30,7 @@ enum Task {
 }
 
 /// Debian packages the lab and tests use.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping")];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 fn main() -> Result<()> {

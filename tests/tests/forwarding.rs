@@ -1,0 +1,96 @@
+//! End to end: what crosses the balancer arrives intact, and what is not for
+//! a service is left to the kernel.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::{
+    lab::{Lab, LB_CLIENT_SIDE, VIP},
+    serial,
+    servers::{connect, request, IO_TIMEOUT},
+};
+
+#[test]
+fn a_20_mb_transfer_arrives_byte_exact_both_ways() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+
+    // Pseudo-random bytes, so a dropped, duplicated or reordered segment shows.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..20 * 1024 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let held = connect(&lab.client, VIP).unwrap();
+    let echoed = held.round_trip(&data).expect("transfer through the balancer");
+    assert!(echoed == data, "the echoed 20 MB differ from what was sent");
+    held.close().unwrap();
+
+    let backend = agent
+        .backends()
+        .into_iter()
+        .find(|b| b["total_connections"] == 1)
+        .expect("one backend took the transfer");
+    assert!(backend["bytes_in"].as_u64().unwrap() > data.len() as u64);
+    assert!(backend["bytes_out"].as_u64().unwrap() > data.len() as u64);
+}
+
+#[test]
+fn traffic_for_the_balancer_host_itself_is_untouched() {
+    let _serial = serial();
+    let lab = Lab::new(1);
+    let _servers = lab.start_servers();
+    let agent = lab.start_agent(&lab.config(&[1], ""));
+
+    // A TCP service of the host itself (think SSH) on the balancer's address.
+    let own = SocketAddrV4::new(LB_CLIENT_SIDE, 2222);
+    let listener = lab.lb.run(|| TcpListener::bind(own).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"host\n").unwrap();
+    });
+    let mut conn = lab.client.run(|| TcpStream::connect_timeout(&own.into(), IO_TIMEOUT)).unwrap();
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "host\n");
+    server.join().unwrap();
+
+    // ICMP to the host, and ARP on the way.
+    lab.client.exec(&format!("ping -c 2 -W 2 {LB_CLIENT_SIDE} >/dev/null"));
+    // The VIP on a port with no service is not forwarded to a backend.
+    let other = SocketAddrV4::new(*VIP.ip(), 81);
+    let refused = lab.client.run(|| TcpStream::connect_timeout(&other.into(), Duration::from_secs(2)));
+    assert!(refused.is_err(), "nothing serves {other}");
+
+    assert_eq!(request(&lab.client, VIP).unwrap(), "b1", "the service still works");
+    let status = agent.status();
+    assert_eq!(status["services"][0]["total_connections"], 1, "only the VIP connection was balanced");
+}
+
+#[test]
+fn connections_work_before_the_neighbours_are_resolved() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    for round in 0..3 {
+        // The balancer forgets every MAC address: the first packets of each
+        // flow go through the kernel, which resolves them.
+        lab.lb.exec("ip neigh flush all");
+        for i in 0..6 {
+            request(&lab.client, VIP).unwrap_or_else(|e| panic!("round {round}, request {i}: {e}"));
+        }
+    }
+    let status = agent.status();
+    assert!(status["counters"]["no_neighbour"].as_u64().unwrap() > 0, "the unresolved path was taken");
+    assert_eq!(status["services"][0]["total_connections"], 18);
+}
