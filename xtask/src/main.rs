@@ -1,6 +1,9 @@
 //! `cargo xtask`: set-up, build, tests and the demo lab, so that a fresh
 //! machine needs nothing but this repository and Rust.
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -123,9 +126,40 @@ fn build() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     // Test binaries run one after another, and the tests in each take a
     // shared lock: they share the kernel's XDP and namespace state.
-    run(cargo()
-        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"])
-        .args(args))
+    let mut child = cargo()
+        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--lib", "--bins", "--tests", "--"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    // Pass the output through and add it up, so the run ends on one line
+    // that says how many tests passed and failed over every test binary.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("the test suite failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number just before `word` in a cargo test summary line.
+fn count_before(line: &str, word: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word.trim()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {
