@@ -121,6 +121,13 @@ pub fn lb_expire(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// Does nothing but pass the packet: the floor that `cargo xtask bench micro`
+/// measures the balancer against. Never attached.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

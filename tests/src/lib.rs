@@ -4,6 +4,7 @@
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod routed;
 pub mod servers;
 
 use std::sync::{Mutex, MutexGuard};

@@ -2,70 +2,30 @@
 //! output bytes, checksums recomputed from scratch, flow table and counts.
 //!
 //! Each test runs in a namespace where the balancer's routes and neighbours
-//! exist (backends on 198.19.0.0/24, the client on 198.18.0.0/24), so the
+//! exist (see `lb_tests::routed`), so the
 //! route lookup succeeds and rewritten packets are redirected as on a host.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb::{
     balancer::Balancer,
-    config::{BackendConfig, Mode, Scheduler, ServiceConfig},
-    datapath::{Datapath, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
-    netns::Netns,
     packet::{inspect, Tcp, ACK, CLIENT_MAC, FIN, PSH, RST, SYN},
+    routed::{backend, backend_index, backend_mac, balancer, routed_host, CLIENT, VIP},
     serial,
 };
-
-const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-
-fn backend(i: usize) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11 + i as u8), 8080)
-}
-
-fn backend_mac(i: usize) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, 0x11 + i as u8]
-}
 
 fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(CLIENT, port)
 }
 
-/// A namespace with the balancer's two networks and permanent neighbours,
-/// and a freshly loaded program serving VIP over backends with `weights`.
 fn with_balancer<T: Send>(weights: &[u32], test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
     let _serial = serial();
-    let ns = Netns::new("dp");
-    ns.exec(
-        "ip link add cli type veth peer cli-peer && ip link add srv type veth peer srv-peer \
-         && ip link set cli up && ip link set cli-peer up && ip link set srv up && ip link set srv-peer up \
-         && ip addr add 198.18.0.1/24 dev cli && ip addr add 198.19.0.1/24 dev srv \
-         && sysctl -qw net.ipv4.ip_forward=1",
-    );
-    ns.exec(&format!("ip neigh add {CLIENT} lladdr 02:00:00:00:00:02 dev cli nud permanent"));
-    for i in 0..weights.len().max(4) {
-        let mac = backend_mac(i).map(|b| format!("{b:02x}")).join(":");
-        ns.exec(&format!("ip neigh add {} lladdr {mac} dev srv nud permanent", backend(i).ip()));
-    }
+    let ns = routed_host(weights.len().max(4));
     let weights = weights.to_vec();
-    ns.run(move || {
-        let mut balancer = Balancer::new(Datapath::load(1024).expect("load the XDP program"));
-        let service = ServiceConfig {
-            name: "web".into(),
-            vip: VIP,
-            scheduler: Scheduler::LeastConn,
-            mode: Mode::Nat,
-            backends: weights
-                .iter()
-                .enumerate()
-                .map(|(i, &weight)| BackendConfig { address: backend(i), weight })
-                .collect(),
-        };
-        balancer.add_service(&service).unwrap();
-        test(&mut balancer)
-    })
+    ns.run(move || test(&mut balancer(&weights, 1024)))
 }
 
 fn run(b: &Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -89,10 +49,6 @@ fn open(b: &Balancer, port: u16) -> SocketAddrV4 {
     let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).frame());
     assert_eq!(verdict, XDP_REDIRECT);
     inspect(&out).dst
-}
-
-fn backend_index(addr: SocketAddrV4) -> usize {
-    (addr.ip().octets()[3] - 11) as usize
 }
 
 #[test]

@@ -30,6 +30,11 @@ enum Task {
     },
     /// Build, then balance real connections in a lab of network namespaces.
     Demo,
+    /// Benchmarks: `micro` (the program's cost per packet).
+    Bench {
+        #[arg(default_value = "micro")]
+        which: String,
+    },
 }
 
 /// Debian packages the lab and tests use.
@@ -52,6 +57,11 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             demo()
+        }
+        Task::Bench { which } => {
+            setup()?;
+            build()?;
+            run(&mut Command::new("target/release/lb-bench").arg(which))
         }
     }
 }

@@ -1,0 +1,122 @@
+//! `cargo xtask bench micro`: the XDP program's cost per packet, measured by
+//! the kernel through BPF_PROG_TEST_RUN, next to a program that only passes
+//! the packet (the floor).
+//!
+//! Rewriting paths change the packet, and with `repeat` > 1 the kernel would
+//! feed each run the previous run's output; so every case is timed one run per
+//! call (each call starts from the original frame), and reported as the median
+//! over many calls. The floor is timed the same way, so the difference is the
+//! program's own cost. Each case checks every run took the path it measures.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb::{
+    balancer::Balancer,
+    datapath::{XDP_PASS, XDP_REDIRECT},
+};
+use lb_common::Counter;
+use lb_tests::{
+    packet::{Tcp, ACK, SYN},
+    routed::{balancer, routed_host, CLIENT, VIP},
+};
+
+const CALLS: usize = 20_000;
+
+struct Row {
+    case: String,
+    median: f64,
+    p10: f64,
+    p90: f64,
+}
+
+fn time(b: &Balancer, frames: &[Vec<u8>], floor: bool, verdict: u32) -> Row {
+    let mut samples: Vec<f64> = frames
+        .iter()
+        .map(|f| {
+            let (got, ns) = b.datapath.time_packet(f, 1, floor).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(got, verdict, "a run took another path than the one measured");
+            ns
+        })
+        .collect();
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    Row { case: String::new(), median: at(0.5), p10: at(0.1), p90: at(0.9) }
+}
+
+/// A distinct client for the i-th new flow.
+fn client(i: usize) -> SocketAddrV4 {
+    let base = u32::from(Ipv4Addr::new(198, 18, 2, 0));
+    SocketAddrV4::new(Ipv4Addr::from(base + (i / 50_000) as u32), 10_000 + (i % 50_000) as u16)
+}
+
+fn syns(from: usize, count: usize) -> Vec<Vec<u8>> {
+    (from..from + count).map(|i| Tcp::new(client(i), VIP, SYN).frame()).collect()
+}
+
+fn new_flows(b: &Balancer) -> u64 {
+    b.datapath.counters().unwrap()[Counter::NewFlows as usize]
+}
+
+fn micro() {
+    let ns = routed_host(256);
+    let rows = ns.run(|| {
+        let mut rows = Vec::new();
+        let mut add = |case: &str, mut row: Row| {
+            row.case = case.to_string();
+            eprintln!("  {case}: {:.0} ns", row.median);
+            rows.push(row);
+        };
+        let b = balancer(&[1, 1, 1], 1_000_000);
+        let host = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 22);
+        let not_for_us = vec![Tcp::new(SocketAddrV4::new(CLIENT, 40000), host, ACK).frame(); CALLS];
+        add("floor: pass-only program", time(&b, &not_for_us, true, XDP_PASS));
+        add("not for a service (to the kernel)", time(&b, &not_for_us, false, XDP_PASS));
+
+        // One flow, then its packets both ways.
+        let c = SocketAddrV4::new(CLIENT, 40000);
+        let (_, out) = b.datapath.run_packet(&Tcp::new(c, VIP, SYN).frame()).unwrap();
+        let chosen = lb_tests::packet::inspect(&out).dst;
+        let forward = vec![Tcp::new(c, VIP, ACK).payload(&[0; 6]).frame(); CALLS];
+        add("established client→backend", time(&b, &forward, false, XDP_REDIRECT));
+        let reply = vec![Tcp::new(chosen, c, ACK).payload(&[0; 6]).frame(); CALLS];
+        add("reply backend→client", time(&b, &reply, false, XDP_REDIRECT));
+
+        for backends in [3usize, 64, 256] {
+            let b = balancer(&vec![1; backends], 1_000_000);
+            let before = new_flows(&b);
+            add(&format!("new flow (SYN), {backends} backends"), time(&b, &syns(0, CALLS), false, XDP_REDIRECT));
+            assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
+        }
+
+        // A 1,000,000-flow table, 90 % full.
+        let b = balancer(&vec![1; 256], 1_000_000);
+        let fill = 900_000;
+        for chunk in (0..fill).step_by(50_000) {
+            for f in syns(chunk, 50_000) {
+                b.datapath.run_packet(&f).unwrap();
+            }
+        }
+        assert_eq!(new_flows(&b), fill as u64);
+        add("new flow (SYN), 256 backends, table 90 % full", time(&b, &syns(fill, CALLS), false, XDP_REDIRECT));
+        let forward = vec![Tcp::new(client(7), VIP, ACK).frame(); CALLS];
+        add("established, table 90 % full", time(&b, &forward, false, XDP_REDIRECT));
+        rows
+    });
+
+    let floor = rows[0].median;
+    println!("\nXDP program cost per packet (BPF_PROG_TEST_RUN, one run per call, {CALLS} calls per case)\n");
+    println!("| case | median ns | p10–p90 ns | over the floor |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        println!("| {} | {:.0} | {:.0}–{:.0} | {:+.0} |", r.case, r.median, r.p10, r.p90, r.median - floor);
+    }
+}
+
+fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("micro") => micro(),
+        _ => {
+            eprintln!("usage: lb-bench micro");
+            std::process::exit(2);
+        }
+    }
+}

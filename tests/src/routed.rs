@@ -1,0 +1,68 @@
+//! A namespace routed like a balancer host, for running the program through
+//! BPF_PROG_TEST_RUN: the client network 198.18.0.0/24 on `cli`, the backends'
+//! 198.19.0.0/16 on `srv`, forwarding on, and permanent neighbours, so the
+//! program's route lookup succeeds and rewritten packets are redirected.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb::{
+    balancer::Balancer,
+    config::{BackendConfig, Mode, Scheduler, ServiceConfig},
+    datapath::Datapath,
+};
+
+use crate::netns::Netns;
+
+pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+pub fn backend(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 19, (i / 200) as u8, 11 + (i % 200) as u8), 8080)
+}
+
+pub fn backend_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 1, (i >> 8) as u8, i as u8]
+}
+
+pub fn backend_index(addr: SocketAddrV4) -> usize {
+    let o = addr.ip().octets();
+    o[2] as usize * 200 + (o[3] - 11) as usize
+}
+
+/// The namespace, with neighbours for `backends` backends.
+pub fn routed_host(backends: usize) -> Netns {
+    let ns = Netns::new("routed");
+    ns.exec(
+        "ip link add cli type veth peer cli-peer && ip link add srv type veth peer srv-peer \
+         && ip link set cli up && ip link set cli-peer up && ip link set srv up && ip link set srv-peer up \
+         && ip addr add 198.18.0.1/24 dev cli && ip addr add 198.19.0.1/16 dev srv \
+         && sysctl -qw net.ipv4.ip_forward=1",
+    );
+    let mut batch = format!("neigh add {CLIENT} lladdr 02:00:00:00:00:02 dev cli nud permanent\n");
+    for i in 0..backends {
+        let mac = backend_mac(i).map(|b| format!("{b:02x}")).join(":");
+        batch.push_str(&format!("neigh add {} lladdr {mac} dev srv nud permanent\n", backend(i).ip()));
+    }
+    let file = std::env::temp_dir().join(format!("{}.neigh", ns.name));
+    std::fs::write(&file, batch).unwrap();
+    ns.exec(&format!("ip -batch {}", file.display()));
+    let _ = std::fs::remove_file(file);
+    ns
+}
+
+/// A freshly loaded program serving VIP over backends with `weights`.
+pub fn balancer(weights: &[u32], max_flows: u32) -> Balancer {
+    let mut balancer = Balancer::new(Datapath::load(max_flows).expect("load the XDP program"));
+    let service = ServiceConfig {
+        name: "web".into(),
+        vip: VIP,
+        scheduler: Scheduler::LeastConn,
+        mode: Mode::Nat,
+        backends: weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| BackendConfig { address: backend(i), weight })
+            .collect(),
+    };
+    balancer.add_service(&service).unwrap();
+    balancer
+}
