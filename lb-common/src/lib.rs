@@ -153,6 +153,10 @@ pub struct BackendStats {
     pub reply_bytes: u64,
     /// Flows assigned to this backend since the slot was last cleared.
     pub new_flows: u64,
+    /// Passive health: handshakes the backend answered with RST.
+    pub refused: u64,
+    /// Passive health: SYNs the client had to retransmit, unanswered.
+    pub unanswered: u64,
 }
 
 /// Program-wide counters, per CPU. Indexes into `Counters::values`.
@@ -168,6 +172,10 @@ pub enum Counter {
     ClosedFlows,
     /// SYN to a service whose backends cannot take a new flow.
     NoBackend,
+    /// A retransmitted, unanswered SYN moved to another backend.
+    SynRetried,
+    /// A client packet of a reset flow answered with an RST.
+    ResetSent,
     /// The connection table was full; the SYN was dropped (the client retries).
     TableFull,
     /// Forwarded to the kernel because the next hop's MAC is not known yet.
@@ -178,11 +186,9 @@ pub enum Counter {
     MalformedTcp,
     /// IPv4 fragments are never rewritten: the kernel decides.
     Fragment,
-    /// A non-SYN packet to a service with no tracked flow.
-    UntrackedToService,
 }
 
-pub const COUNTER_COUNT: usize = 15;
+pub const COUNTER_COUNT: usize = 16;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "packets",
@@ -193,13 +199,14 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "new_flows",
     "closed_flows",
     "no_backend",
+    "syn_retried",
+    "reset_sent",
     "table_full",
     "no_neighbour",
     "fib_failed",
     "malformed_ip",
     "malformed_tcp",
     "fragment",
-    "untracked_to_service",
 ];
 
 #[repr(C)]
@@ -252,17 +259,28 @@ pub const fn flow_timeout(t: &Timeouts, state: u32, replied: bool) -> u64 {
 pub struct ExpireRequest {
     pub _eth: [u8; 16],
     pub timeouts: Timeouts,
+    /// `EXPIRE_IDLE` or `EXPIRE_RESET`.
+    pub mode: u32,
+    pub _pad: u32,
     pub count: u32,
     /// Written by the program: how many of the flows it expired.
     pub expired: u32,
     pub keys: [FlowKey; EXPIRE_BATCH],
 }
 
+/// Remove the flows that are idle past their timeout.
+pub const EXPIRE_IDLE: u32 = 0;
+/// Close these flows now (their backend died, policy `reset`): the count is
+/// released and the client's next packet is answered with an RST.
+pub const EXPIRE_RESET: u32 = 1;
+
 impl Default for ExpireRequest {
     fn default() -> Self {
         Self {
             _eth: [0; 16],
             timeouts: Timeouts::default(),
+            mode: EXPIRE_IDLE,
+            _pad: 0,
             count: 0,
             expired: 0,
             keys: [FlowKey::default(); EXPIRE_BATCH],
@@ -295,8 +313,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 32);
         assert_eq!(size_of::<Timeouts>(), 32);
-        assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 8 + 12 * EXPIRE_BATCH);
-        assert_eq!(COUNTER_NAMES.len(), Counter::UntrackedToService as usize + 1);
+        assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 12 * EXPIRE_BATCH);
+        assert_eq!(COUNTER_NAMES.len(), Counter::Fragment as usize + 1);
     }
 
     #[test]

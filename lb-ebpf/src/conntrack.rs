@@ -40,15 +40,20 @@ pub fn reusable(flow: *const Flow) -> bool {
 /// Bookkeeping for a packet of a known flow.
 #[inline(always)]
 pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) {
-    unsafe {
-        if now.wrapping_sub((*flow).last_seen) > TOUCH_EVERY_NS {
-            (*flow).last_seen = now;
-        }
+    let last_seen = unsafe { (*flow).last_seen };
+    if now.wrapping_sub(last_seen) > TOUCH_EVERY_NS {
+        unsafe { (*flow).last_seen = now };
     }
     if pkt.flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
     let direction = unsafe { (*flow).direction };
+    if direction == DIR_REPLY && last_seen == 0 && pkt.flags & TCP_RST != 0 {
+        // The backend's first answer is a refusal: a passive health failure.
+        if let Some(s) = unsafe { stats::backend((*flow).service, (*flow).slot) } {
+            unsafe { (*s).refused += 1 };
+        }
+    }
     let bit = if pkt.flags & TCP_RST != 0 {
         FLOW_RESET
     } else if direction == DIR_FORWARD {
@@ -114,22 +119,49 @@ fn assign(service: u16, slot: u16) {
     stats::count(Counter::NewFlows);
 }
 
+/// The client is sending its SYN again and the backend has not answered:
+/// a passive health failure, and the flow may move to another backend.
+#[inline(always)]
+pub fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
+    let reply_key = unsafe {
+        FlowKey { saddr: (*forward).nat_addr, daddr: key.saddr, sport: (*forward).nat_port, dport: key.sport }
+    };
+    match FLOWS.get_ptr(&reply_key) {
+        Some(reply) => unsafe { (*reply).last_seen == 0 },
+        None => true,
+    }
+}
+
+#[inline(always)]
+pub fn count_unanswered(forward: *const Flow) {
+    if let Some(s) = unsafe { stats::backend((*forward).service, (*forward).slot) } {
+        unsafe { (*s).unanswered += 1 };
+    }
+}
+
 pub enum Opened {
     Flow(Flow),
     NotAService,
+    /// Asked to avoid the flow's backend, and no other can take it.
+    NoOtherBackend,
     Drop(Option<Counter>),
 }
 
-/// A SYN with no live flow: choose a backend and record the flow both ways.
-/// `existing` is a closed forward entry on the same 5-tuple, if any.
+/// A SYN to open a flow: choose a backend and record the flow both ways.
+/// `existing` is the forward entry on the same 5-tuple, if any: a closed
+/// flow whose ports are reused, or (with `avoid` set to its slot, otherwise
+/// `NO_SLOT`) a live one whose backend left the SYN unanswered.
 #[inline(always)]
-pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64) -> Opened {
+pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) -> Opened {
     let service_key = ServiceKey { addr: key.daddr, port: key.dport, proto: PROTO_TCP, _pad: 0 };
     let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
         return Opened::NotAService;
     };
     let service_id = service.id;
-    let Some(choice) = schedule::choose(service_id) else {
+    let Some(choice) = schedule::choose(service_id, avoid) else {
+        if avoid != schedule::NO_SLOT {
+            return Opened::NoOtherBackend;
+        }
         // Dropped, not refused: the client retries the SYN, and a backend may
         // be able to take it by then.
         return Opened::Drop(Some(Counter::NoBackend));
@@ -179,6 +211,11 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64) -> Opened {
             if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, forward.state) {
                 return Opened::Drop(None);
             }
+            if !flow_closed(observed) {
+                // A live flow moving to another backend: the claim above made
+                // this CPU the one that ends it on the old one.
+                unsafe { release((*entry).service, (*entry).slot) };
+            }
             let old_reply_key = unsafe {
                 FlowKey {
                     saddr: (*entry).nat_addr,
@@ -211,6 +248,31 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64) -> Opened {
         return Opened::Drop(Some(Counter::TableFull));
     }
     Opened::Flow(forward)
+}
+
+/// Closes a live flow at the agent's request (its backend died and the
+/// service resets such flows): the count is released now, the entries stay
+/// until aged, and the client's next packet is answered with an RST.
+#[inline(always)]
+pub fn reset(key: &FlowKey) -> bool {
+    match FLOWS.get_ptr_mut(key) {
+        Some(forward) if unsafe { (*forward).direction } == DIR_FORWARD => {
+            let before = atomic::fetch_or(unsafe { &mut (*forward).state }, FLOW_RESET);
+            let closed_now = !flow_closed(before);
+            if closed_now {
+                unsafe { release((*forward).service, (*forward).slot) };
+            }
+            closed_now
+        }
+        _ => false,
+    }
+}
+
+/// The client's packets on a reset flow get an RST back instead of going to
+/// a dead backend.
+#[inline(always)]
+pub fn answer_with_reset(flow: &Flow) -> bool {
+    flow.direction == DIR_FORWARD && flow.state & FLOW_RESET != 0 && flow.state & FLOW_EXPIRED == 0
 }
 
 /// Removes a forward flow and its reply entry if it has been idle for its

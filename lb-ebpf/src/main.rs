@@ -11,6 +11,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod schedule;
 mod stats;
 
@@ -21,8 +22,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use conntrack::Opened;
-use lb_common::{Counter, ExpireRequest, EXPIRE_BATCH, DIR_FORWARD};
+use lb_common::{Counter, ExpireRequest, DIR_FORWARD, EXPIRE_BATCH, EXPIRE_RESET};
 use parse::Parsed;
+use schedule::NO_SLOT;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -51,28 +53,57 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
         }
     };
 
-    // Look up the flow; on a SYN with no live flow, choose a backend.
+    // Look up the flow; on a SYN that opens one, choose a backend.
     let key = pkt.key();
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let existing = conntrack::lookup(&key);
-    let flow = match existing {
-        Some(entry) if !(pkt.is_syn() && conntrack::reusable(entry)) => {
-            conntrack::track(&pkt, &key, entry, now);
-            unsafe { *entry }
-        }
-        _ if pkt.is_syn() => match conntrack::open(&key, existing, now) {
-            Opened::Flow(flow) => flow,
-            Opened::NotAService => return PASS,
-            Opened::Drop(reason) => {
-                if let Some(reason) = reason {
-                    stats::count(reason);
-                }
-                return DROP;
+    let mut opened = None;
+    if pkt.is_syn() {
+        // A SYN opens a flow unless its flow is live and answered (then it is
+        // a retransmission). A live flow whose backend left the SYN
+        // unanswered moves to another backend if one can take it.
+        let (opens, avoid) = match existing {
+            None => (true, NO_SLOT),
+            Some(entry) if conntrack::reusable(entry) => (true, NO_SLOT),
+            Some(entry) if conntrack::unanswered(&key, entry) => {
+                conntrack::count_unanswered(entry);
+                (true, unsafe { (*entry).slot } as u32)
             }
-        },
+            Some(_) => (false, NO_SLOT),
+        };
+        if opens {
+            match conntrack::open(&key, existing, now, avoid) {
+                Opened::Flow(flow) => {
+                    if avoid != NO_SLOT {
+                        stats::count(Counter::SynRetried);
+                    }
+                    opened = Some(flow);
+                }
+                Opened::NoOtherBackend => {}
+                Opened::NotAService => return PASS,
+                Opened::Drop(reason) => {
+                    if let Some(reason) = reason {
+                        stats::count(reason);
+                    }
+                    return DROP;
+                }
+            }
+        }
+    }
+    let flow = match (opened, existing) {
+        (Some(flow), _) => flow,
+        (None, Some(entry)) => {
+            let flow = unsafe { *entry };
+            if conntrack::answer_with_reset(&flow) && pkt.flags & parse::TCP_RST == 0 {
+                let action = reset::answer(ctx, &pkt);
+                return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictTx });
+            }
+            conntrack::track(&pkt, &key, entry, now);
+            flow
+        }
         // Not a flow of ours: the host's own traffic, or a stray segment the
         // kernel will answer.
-        _ => return PASS,
+        (None, None) => return PASS,
     };
 
     // Rewrite.
@@ -95,8 +126,8 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
 }
 
 /// Not attached: the agent runs it through BPF_PROG_TEST_RUN with a batch of
-/// idle flows, so that their removal and count release are atomic with
-/// respect to the packet path.
+/// idle flows to remove, or of flows to reset, so that the change and the
+/// count release are atomic with respect to the packet path.
 #[xdp]
 pub fn lb_expire(ctx: XdpContext) -> u32 {
     let start = ctx.data();
@@ -107,13 +138,19 @@ pub fn lb_expire(ctx: XdpContext) -> u32 {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let timeouts = unsafe { (*request).timeouts };
     let count = unsafe { (*request).count } as usize;
+    let mode = unsafe { (*request).mode };
     let mut expired = 0u32;
     for i in 0..EXPIRE_BATCH {
         if i >= count {
             break;
         }
         let key = unsafe { (*request).keys[i] };
-        if conntrack::expire(&key, &timeouts, now) {
+        let done = if mode == EXPIRE_RESET {
+            conntrack::reset(&key)
+        } else {
+            conntrack::expire(&key, &timeouts, now)
+        };
+        if done {
             expired += 1;
         }
     }

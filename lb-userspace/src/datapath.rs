@@ -10,7 +10,8 @@ use aya::{
 };
 use lb_common::{
     ActiveCounts, BackendSet, BackendStats, Counters, ExpireRequest, Flow, FlowKey, Service,
-    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, MAX_BACKENDS, PROTO_TCP,
+    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, MAX_BACKENDS,
+    PROTO_TCP,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -127,6 +128,8 @@ impl Datapath {
             total.reply_packets += v.reply_packets;
             total.reply_bytes += v.reply_bytes;
             total.new_flows += v.new_flows;
+            total.refused += v.refused;
+            total.unanswered += v.unanswered;
         }
         Ok(total)
     }
@@ -166,10 +169,22 @@ impl Datapath {
     /// Asks the kernel to expire these forward flows if they are still idle
     /// by `timeouts`; returns how many it removed.
     pub fn expire(&self, keys: &[FlowKey], timeouts: &Timeouts) -> Result<u32> {
+        self.run_expire(keys, timeouts, EXPIRE_IDLE)
+    }
+
+    /// Closes these live forward flows now: their counts are released and
+    /// their clients' next packets answered with an RST. Returns how many
+    /// were still live.
+    pub fn reset_flows(&self, keys: &[FlowKey]) -> Result<u32> {
+        self.run_expire(keys, &Timeouts::default(), EXPIRE_RESET)
+    }
+
+    fn run_expire(&self, keys: &[FlowKey], timeouts: &Timeouts, mode: u32) -> Result<u32> {
         let prog = self.program("lb_expire")?;
         let mut expired = 0;
         for batch in keys.chunks(EXPIRE_BATCH) {
-            let mut request = ExpireRequest { timeouts: *timeouts, count: batch.len() as u32, ..Default::default() };
+            let mut request =
+                ExpireRequest { timeouts: *timeouts, mode, count: batch.len() as u32, ..Default::default() };
             request.keys[..batch.len()].copy_from_slice(batch);
             let input = bytemuck::bytes_of(&request).to_vec();
             let mut output = input.clone();

@@ -10,7 +10,13 @@ use lb::{
     datapath::Datapath,
 };
 
-use crate::netns::Netns;
+use crate::{
+    netns::Netns,
+    packet::{inspect, Tcp, SYN},
+    serial,
+};
+use lb::datapath::XDP_REDIRECT;
+use lb_common::Counter;
 
 pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -65,4 +71,42 @@ pub fn balancer(weights: &[u32], max_flows: u32) -> Balancer {
     };
     balancer.add_service(&service).unwrap();
     balancer
+}
+
+pub fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT, port)
+}
+
+/// A routed namespace and a fresh program serving VIP over backends with
+/// `weights`, for one test.
+pub fn with_balancer<T: Send>(weights: &[u32], test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
+    let _serial = serial();
+    let ns = routed_host(weights.len().max(4));
+    let weights = weights.to_vec();
+    ns.run(move || test(&mut balancer(&weights, 1024)))
+}
+
+/// The program's verdict on `frame`, and the frame it let out.
+pub fn run(b: &Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
+    b.datapath.run_packet(frame).expect("BPF_PROG_TEST_RUN")
+}
+
+/// Active connections per backend of service `web`.
+pub fn active(b: &Balancer) -> Vec<u64> {
+    b.status().unwrap().services[0].backends.iter().map(|b| b.active_connections).collect()
+}
+
+pub fn counter(b: &Balancer, c: Counter) -> u64 {
+    b.datapath.counters().unwrap()[c as usize]
+}
+
+pub fn flow_entries(b: &Balancer) -> usize {
+    b.datapath.flows().len()
+}
+
+/// Sends the client's SYN and returns the backend it was sent to.
+pub fn open(b: &Balancer, port: u16) -> SocketAddrV4 {
+    let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).frame());
+    assert_eq!(verdict, XDP_REDIRECT);
+    inspect(&out).dst
 }
