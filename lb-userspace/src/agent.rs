@@ -14,9 +14,14 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
 use crate::{
     aging,
-    balancer::Balancer,
+    balancer::{Balancer, CheckTarget},
+    health::{self, CheckResult},
     config::{Config, XdpModeSetting},
     control::{self, Request, Response},
     datapath::Datapath,
@@ -53,11 +58,26 @@ async fn serve(config: Config) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut aging_tick = tokio::time::interval(Duration::from_millis(config.agent.aging_interval_ms));
+    let mut control_tick = tokio::time::interval(CONTROL_TICK);
     let timeouts = config.agent.timeouts.to_wire();
+    let (check_results, mut checked) = mpsc::channel::<(String, std::net::SocketAddrV4, CheckResult)>(1024);
+    let mut checkers = Checkers::default();
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+            Some((service, address, result)) = checked.recv() => {
+                if let Err(e) = balancer.lock().unwrap().record_check(&service, address, result) {
+                    tracing::warn!("applying a health check result failed: {e:#}");
+                }
+            }
+            _ = control_tick.tick() => {
+                let mut b = balancer.lock().unwrap();
+                if let Err(e) = b.tick() {
+                    tracing::warn!("updating backend states failed: {e:#}");
+                }
+                checkers.reconcile(b.check_targets(), &check_results);
+            }
             _ = aging_tick.tick() => {
                 let mut b = balancer.lock().unwrap();
                 match aging::age(&mut b.datapath, &timeouts) {
@@ -84,6 +104,7 @@ async fn serve(config: Config) -> Result<()> {
         }
     }
 
+    checkers.reconcile(Vec::new(), &check_results);
     tracing::info!("shutting down: detaching the XDP program");
     let mut b = balancer.lock().unwrap();
     for link in links {
@@ -91,6 +112,52 @@ async fn serve(config: Config) -> Result<()> {
     }
     let _ = std::fs::remove_file(&config.agent.socket);
     Ok(())
+}
+
+/// How often passive health, slow starts and drains are looked at.
+const CONTROL_TICK: Duration = Duration::from_millis(100);
+
+/// The running health checks, one task per backend.
+#[derive(Default)]
+struct Checkers {
+    running: HashMap<(String, std::net::SocketAddrV4), (CheckTarget, tokio::task::JoinHandle<()>)>,
+}
+
+impl Checkers {
+    /// Starts the checks that are wanted and not running, stops the others.
+    fn reconcile(
+        &mut self,
+        wanted: Vec<CheckTarget>,
+        results: &mpsc::Sender<(String, std::net::SocketAddrV4, CheckResult)>,
+    ) {
+        let wanted: HashMap<_, _> = wanted.into_iter().map(|t| ((t.service.clone(), t.address), t)).collect();
+        self.running.retain(|key, (target, task)| {
+            let keep = wanted.get(key) == Some(target);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, target) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let results = results.clone();
+            let t = target.clone();
+            let task = tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs_f64(t.config.interval));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let result = health::check(t.address, &t.config).await;
+                    if results.send((t.service.clone(), t.address, result)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.running.insert(key, (target, task));
+        }
+    }
 }
 
 fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting) -> Result<XdpLinkId> {

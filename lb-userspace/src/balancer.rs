@@ -5,23 +5,99 @@
 //! connection count. A removed backend keeps its slot, ineligible for new
 //! flows, until its last flow has gone, so that a count is never inherited by
 //! another backend. Removed services keep their id the same way.
-use std::net::SocketAddrV4;
+//!
+//! Whether a backend may take new flows is decided here, from the operator
+//! (enabled, draining, disabled), active and passive health, and slow start;
+//! the data path adds the tiers (backups) and the `max_conns` caps.
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
-    Backend, BackendSet, FlowKey, BACKEND_ELIGIBLE, DIR_FORWARD, MAX_BACKENDS, MAX_SERVICES,
+    flow_closed, Backend, BackendSet, FlowKey, BACKEND_ELIGIBLE, DIR_FORWARD, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{validate_backend, BackendConfig, Mode, Scheduler, ServiceConfig},
+    config::{BackendConfig, DownPolicy, Mode, Scheduler, ServiceConfig},
     datapath::{host_socket, wire_addr, Datapath},
+    health::{Change, CheckResult, Health, HealthConfig},
 };
 
-#[derive(Debug, Clone)]
+/// What the operator asked of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admin {
+    Enabled,
+    /// No new flows; established ones finish.
+    Draining,
+    /// No new flows; established ones follow the service's down policy.
+    Disabled,
+}
+
+#[derive(Debug)]
+struct Member {
+    config: BackendConfig,
+    removed: bool,
+    admin: Admin,
+    health: Health,
+    /// May take new flows, as last decided.
+    eligible: bool,
+    /// When slow start began, while it lasts.
+    ramp_from: Option<Instant>,
+    since: SystemTime,
+    reason: String,
+}
+
+impl Member {
+    fn new(config: BackendConfig) -> Self {
+        let ramp_from = (config.slow_start > 0.0).then(Instant::now);
+        Self {
+            config,
+            removed: false,
+            admin: Admin::Enabled,
+            health: Health::default(),
+            eligible: true,
+            ramp_from,
+            since: SystemTime::now(),
+            reason: "added".into(),
+        }
+    }
+
+    fn wants_new_flows(&self, now: Instant) -> bool {
+        !self.removed && self.admin == Admin::Enabled && self.health.is_up(now)
+    }
+
+    fn state(&self, now: Instant) -> &'static str {
+        if self.removed {
+            "removing"
+        } else if self.admin == Admin::Disabled {
+            "disabled"
+        } else if self.admin == Admin::Draining {
+            "draining"
+        } else if !self.health.is_up(now) {
+            "down"
+        } else if self.ramp_from.is_some() {
+            "slow_start"
+        } else {
+            "up"
+        }
+    }
+
+    /// The slow-start share reached, 0 to 1.
+    fn ramp(&self, now: Instant) -> Option<f64> {
+        let from = self.ramp_from?;
+        Some((now.duration_since(from).as_secs_f64() / self.config.slow_start).min(1.0))
+    }
+}
+
+#[derive(Debug)]
 enum Slot {
     Free,
-    Used { address: SocketAddrV4, weight: u32, removed: bool },
+    Used(Box<Member>),
 }
 
 #[derive(Debug)]
@@ -30,14 +106,46 @@ struct ServiceState {
     vip: SocketAddrV4,
     scheduler: Scheduler,
     mode: Mode,
+    health: Option<HealthConfig>,
+    on_down: DownPolicy,
     id: u32,
     slots: Vec<Slot>,
+    /// What was last written to the data path.
+    written: Option<Box<BackendSet>>,
+}
+
+impl ServiceState {
+    fn members(&self) -> impl Iterator<Item = (usize, &Member)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| match s {
+            Slot::Used(m) => Some((i, &**m)),
+            Slot::Free => None,
+        })
+    }
+
+    fn member_mut(&mut self, address: SocketAddrV4) -> Result<&mut Member> {
+        let name = self.name.clone();
+        self.slots
+            .iter_mut()
+            .find_map(|s| match s {
+                Slot::Used(m) if m.config.address == address && !m.removed => Some(&mut **m),
+                _ => None,
+            })
+            .with_context(|| format!("service {name} has no backend {address}"))
+    }
 }
 
 /// A removed service whose flows may still hold counts under its id.
 #[derive(Debug)]
 struct RetiredService {
     id: u32,
+}
+
+/// A health check the agent should be running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckTarget {
+    pub service: String,
+    pub address: SocketAddrV4,
+    pub config: HealthConfig,
 }
 
 pub struct Balancer {
@@ -59,6 +167,8 @@ pub struct ServiceStatus {
     pub vip: String,
     pub scheduler: Scheduler,
     pub mode: Mode,
+    pub on_backend_down: DownPolicy,
+    pub health_check: Option<HealthConfig>,
     pub active_connections: u64,
     pub total_connections: u64,
     pub backends: Vec<BackendStatus>,
@@ -68,14 +178,28 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
-    /// `up`, or `removing` while a removed backend's flows finish.
+    /// `up`, `slow_start`, `down`, `draining`, `disabled`, or `removing`
+    /// while a removed backend's flows finish.
     pub state: String,
+    /// Why it is in that state, and since when (Unix seconds).
+    pub reason: String,
+    pub since: f64,
+    /// May take new flows now (a backup only takes them when no primary can).
+    pub eligible: bool,
+    pub backup: bool,
+    pub max_conns: u32,
+    /// Slow start: the share of its full load it may take now, 0 to 1.
+    pub slow_start_progress: Option<f64>,
     pub active_connections: u64,
     pub total_connections: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Passive health: handshakes refused with RST, SYNs left unanswered.
+    pub refused: u64,
+    pub unanswered: u64,
+    pub last_check: Option<CheckResult>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,15 +249,18 @@ impl Balancer {
             vip: config.vip,
             scheduler: config.scheduler,
             mode: config.mode,
+            health: config.health.clone(),
+            on_down: config.on_backend_down,
             id,
             slots: Vec::new(),
+            written: None,
         };
         for (slot, b) in config.backends.iter().enumerate() {
             self.datapath.clear_backend_stats(id, slot as u32)?;
-            service.slots.push(Slot::Used { address: b.address, weight: b.weight, removed: false });
+            service.slots.push(Slot::Used(Box::new(Member::new(b.clone()))));
         }
         // Backends first, so the service never appears without them.
-        self.datapath.set_backends(id, &backend_set(&service))?;
+        write_backends(&mut self.datapath, &mut service, Instant::now())?;
         self.datapath.set_service(service.vip, id)?;
         self.services.push(service);
         Ok(())
@@ -154,70 +281,175 @@ impl Balancer {
     }
 
     pub fn add_backend(&mut self, service: &str, backend: &BackendConfig) -> Result<()> {
-        validate_backend(service, backend.address, backend.weight)?;
-        let counts = {
-            let id = self.service_mut(service)?.id;
-            self.datapath.active_counts(id)?
-        };
+        backend.validate(service)?;
+        let id = self.service_mut(service)?.id;
+        let counts = self.datapath.active_counts(id)?;
         let s = self.service_mut(service)?;
         let existing = s.slots.iter().position(
-            |slot| matches!(slot, Slot::Used { address, .. } if *address == backend.address),
+            |slot| matches!(slot, Slot::Used(m) if m.config.address == backend.address),
         );
-        let (slot, fresh) = match existing {
+        let slot = match existing {
             Some(i) => match &s.slots[i] {
-                Slot::Used { removed: true, .. } => (i, false),
+                // Back before its old flows finished: it keeps its slot.
+                Slot::Used(m) if m.removed => i,
                 _ => bail!("service {service} already has backend {}", backend.address),
             },
             None => {
                 let reusable = s.slots.iter().enumerate().position(|(i, slot)| match slot {
                     Slot::Free => true,
-                    Slot::Used { removed, .. } => *removed && counts.active[i] == 0,
+                    Slot::Used(m) => m.removed && counts.active[i] == 0,
                 });
                 match reusable {
-                    Some(i) => (i, true),
+                    Some(i) => i,
                     None if s.slots.len() < MAX_BACKENDS as usize => {
                         s.slots.push(Slot::Free);
-                        (s.slots.len() - 1, true)
+                        s.slots.len() - 1
                     }
                     None => bail!("service {service} already has {MAX_BACKENDS} backends"),
                 }
             }
         };
-        s.slots[slot] = Slot::Used { address: backend.address, weight: backend.weight, removed: false };
-        let (id, set) = (s.id, backend_set(s));
-        if fresh {
+        if existing.is_none() {
             self.datapath.clear_backend_stats(id, slot as u32)?;
         }
-        self.datapath.set_backends(id, &set)
-    }
-
-    fn backend_slot(&mut self, service: &str, address: SocketAddrV4) -> Result<(&mut ServiceState, usize)> {
+        let stats = self.datapath.backend_stats(id, slot as u32)?;
+        let mut member = Member::new(backend.clone());
+        member.health.reset_passive(stats.refused + stats.unanswered);
         let s = self.service_mut(service)?;
-        let slot = s
-            .slots
-            .iter()
-            .position(|slot| matches!(slot, Slot::Used { address: a, removed: false, .. } if *a == address))
-            .with_context(|| format!("service {service} has no backend {address}"))?;
-        Ok((s, slot))
+        s.slots[slot] = Slot::Used(Box::new(member));
+        let s = self.services.iter_mut().find(|s| s.name == service).unwrap();
+        write_backends(&mut self.datapath, s, Instant::now())
     }
 
     pub fn remove_backend(&mut self, service: &str, address: SocketAddrV4) -> Result<()> {
-        let (s, slot) = self.backend_slot(service, address)?;
-        if let Slot::Used { removed, .. } = &mut s.slots[slot] {
-            *removed = true;
-        }
-        let (id, set) = (s.id, backend_set(s));
-        self.datapath.set_backends(id, &set)
+        self.update_member(service, address, |m| {
+            m.removed = true;
+            "removed by operator".into()
+        })
     }
 
-    pub fn set_weight(&mut self, service: &str, address: SocketAddrV4, new_weight: u32) -> Result<()> {
-        validate_backend(service, address, new_weight)?;
-        let (s, slot) = self.backend_slot(service, address)?;
-        if let Slot::Used { weight, .. } = &mut s.slots[slot] {
-            *weight = new_weight;
+    pub fn set_weight(&mut self, service: &str, address: SocketAddrV4, weight: u32) -> Result<()> {
+        crate::config::validate_backend(service, address, weight)?;
+        self.update_member(service, address, |m| {
+            m.config.weight = weight;
+            format!("weight set to {weight}")
+        })
+    }
+
+    pub fn set_admin(&mut self, service: &str, address: SocketAddrV4, admin: Admin) -> Result<()> {
+        self.update_member(service, address, |m| {
+            m.admin = admin;
+            match admin {
+                Admin::Enabled => "enabled by operator",
+                Admin::Draining => "drained by operator",
+                Admin::Disabled => "disabled by operator",
+            }
+            .into()
+        })
+    }
+
+    fn update_member(
+        &mut self,
+        service: &str,
+        address: SocketAddrV4,
+        change: impl FnOnce(&mut Member) -> String,
+    ) -> Result<()> {
+        let s = self.service_mut(service)?;
+        let m = s.member_mut(address)?;
+        let reason = change(m);
+        m.reason = reason;
+        m.since = SystemTime::now();
+        self.refresh()
+    }
+
+    /// The health checks that should be running.
+    pub fn check_targets(&self) -> Vec<CheckTarget> {
+        let mut targets = Vec::new();
+        for s in &self.services {
+            let Some(config) = &s.health else { continue };
+            for (_, m) in s.members().filter(|(_, m)| !m.removed) {
+                targets.push(CheckTarget {
+                    service: s.name.clone(),
+                    address: m.config.address,
+                    config: config.clone(),
+                });
+            }
         }
-        let (id, set) = (s.id, backend_set(s));
-        self.datapath.set_backends(id, &set)
+        targets
+    }
+
+    /// An active check's result.
+    pub fn record_check(&mut self, service: &str, address: SocketAddrV4, result: CheckResult) -> Result<()> {
+        let Ok(s) = self.service_mut(service) else { return Ok(()) };
+        let Some(health) = s.health.clone() else { return Ok(()) };
+        let Ok(m) = s.member_mut(address) else { return Ok(()) };
+        if let Some(change) = m.health.record_check(result, health.rise, health.fall) {
+            note_change(m, change, service);
+            self.refresh()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the data path's passive failure counters, advances slow starts,
+    /// and writes whatever changed. Called every control tick.
+    pub fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
+        for s in &mut self.services {
+            for (i, slot) in s.slots.iter_mut().enumerate() {
+                let Slot::Used(m) = slot else { continue };
+                let stats = self.datapath.backend_stats(s.id, i as u32)?;
+                let window = Duration::from_secs_f64(m.config.fail_timeout);
+                let total = stats.refused + stats.unanswered;
+                if let Some(change) = m.health.record_passive(total, now, m.config.max_fails, window) {
+                    note_change(m, change, &s.name);
+                }
+            }
+        }
+        self.refresh()
+    }
+
+    /// Decides every backend's eligibility, resets the flows of backends that
+    /// went down in services with policy `reset`, and writes what changed.
+    fn refresh(&mut self) -> Result<()> {
+        let now = Instant::now();
+        for s in &mut self.services {
+            let mut to_reset = Vec::new();
+            for (i, slot) in s.slots.iter_mut().enumerate() {
+                let Slot::Used(m) = slot else { continue };
+                let wanted = m.wants_new_flows(now);
+                if wanted && !m.eligible && m.config.slow_start > 0.0 {
+                    m.ramp_from = Some(now);
+                }
+                if m.ramp(now).is_some_and(|r| r >= 1.0) || !wanted {
+                    m.ramp_from = None;
+                }
+                let dead = !m.removed && (m.admin == Admin::Disabled || !m.health.is_up(now));
+                if m.eligible && !wanted && dead && s.on_down == DownPolicy::Reset {
+                    to_reset.push(i as u16);
+                }
+                m.eligible = wanted;
+            }
+            write_backends(&mut self.datapath, s, now)?;
+            if !to_reset.is_empty() {
+                let keys: Vec<FlowKey> = self
+                    .datapath
+                    .flows()
+                    .into_iter()
+                    .filter(|(_, f)| {
+                        f.direction == DIR_FORWARD
+                            && f.service as u32 == s.id
+                            && to_reset.contains(&f.slot)
+                            && !flow_closed(f.state)
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                let reset = self.datapath.reset_flows(&keys)?;
+                if reset > 0 {
+                    tracing::warn!(service = %s.name, flows = reset, "reset the established flows of a dead backend");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Frees the slots and ids whose flows have all gone.
@@ -225,13 +457,14 @@ impl Balancer {
         for s in &mut self.services {
             let counts = self.datapath.active_counts(s.id)?;
             for (i, slot) in s.slots.iter_mut().enumerate() {
-                if matches!(slot, Slot::Used { removed: true, .. }) && counts.active[i] == 0 {
+                if matches!(slot, Slot::Used(m) if m.removed) && counts.active[i] == 0 {
                     *slot = Slot::Free;
                 }
             }
             while matches!(s.slots.last(), Some(Slot::Free)) {
                 s.slots.pop();
             }
+            write_backends(&mut self.datapath, s, Instant::now())?;
         }
         let datapath = &self.datapath;
         self.retired.retain(|r| match datapath.active_counts(r.id) {
@@ -241,24 +474,40 @@ impl Balancer {
         Ok(())
     }
 
+    /// Active connections of one backend, for `lb backend drain --wait`.
+    pub fn active_of(&self, service: &str, address: SocketAddrV4) -> Option<u64> {
+        let s = self.services.iter().find(|s| s.name == service)?;
+        let (i, _) = s.members().find(|(_, m)| m.config.address == address)?;
+        self.datapath.active_counts(s.id).ok().map(|c| c.active[i])
+    }
+
     pub fn status(&self) -> Result<Status> {
+        let now = Instant::now();
         let mut services = Vec::new();
         for s in &self.services {
             let counts = self.datapath.active_counts(s.id)?;
             let mut backends = Vec::new();
-            for (i, slot) in s.slots.iter().enumerate() {
-                let Slot::Used { address, weight, removed } = slot else { continue };
+            for (i, m) in s.members() {
                 let stats = self.datapath.backend_stats(s.id, i as u32)?;
                 backends.push(BackendStatus {
-                    address: address.to_string(),
-                    weight: *weight,
-                    state: if *removed { "removing" } else { "up" }.to_string(),
+                    address: m.config.address.to_string(),
+                    weight: m.config.weight,
+                    state: m.state(now).to_string(),
+                    reason: m.reason.clone(),
+                    since: m.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                    eligible: m.eligible,
+                    backup: m.config.backup,
+                    max_conns: m.config.max_conns,
+                    slow_start_progress: m.ramp(now),
                     active_connections: counts.active[i],
                     total_connections: stats.new_flows,
                     packets_in: stats.fwd_packets,
                     bytes_in: stats.fwd_bytes,
                     packets_out: stats.reply_packets,
                     bytes_out: stats.reply_bytes,
+                    refused: stats.refused,
+                    unanswered: stats.unanswered,
+                    last_check: m.health.last_check.clone(),
                 });
             }
             services.push(ServiceStatus {
@@ -266,6 +515,8 @@ impl Balancer {
                 vip: s.vip.to_string(),
                 scheduler: s.scheduler,
                 mode: s.mode,
+                on_backend_down: s.on_down,
+                health_check: s.health.clone(),
                 active_connections: backends.iter().map(|b| b.active_connections).sum(),
                 total_connections: backends.iter().map(|b| b.total_connections).sum(),
                 backends,
@@ -289,14 +540,13 @@ impl Balancer {
 
     pub fn conntrack(&self) -> Vec<FlowStatus> {
         let now = crate::aging::monotonic_coarse_ns();
-        let entries = self.datapath.flows();
+        let entries: std::collections::HashMap<_, _> = self.datapath.flows().into_iter().collect();
         let mut flows = Vec::new();
         for (key, flow) in &entries {
             if flow.direction != DIR_FORWARD {
                 continue;
             }
-            let reply = entries.iter().find(|(k, _)| *k == crate::aging::reply_key(key, flow));
-            let replied_at = reply.map_or(0, |(_, r)| r.last_seen);
+            let replied_at = entries.get(&crate::aging::reply_key(key, flow)).map_or(0, |r| r.last_seen);
             let service = self
                 .services
                 .iter()
@@ -314,21 +564,21 @@ impl Balancer {
         flows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
         flows
     }
+}
 
-    /// Looks up a flow's backend as a test or the CLI would: by client and VIP.
-    pub fn flow_backend(&self, client: SocketAddrV4, vip: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = FlowKey {
-            saddr: wire_addr(*client.ip()),
-            daddr: wire_addr(*vip.ip()),
-            sport: client.port().to_be(),
-            dport: vip.port().to_be(),
-        };
-        self.datapath.flow(&key).map(|f| host_socket(f.nat_addr, f.nat_port))
+fn note_change(m: &mut Member, change: Change, service: &str) {
+    let address = m.config.address;
+    match &change {
+        Change::Down(reason) => tracing::warn!(%service, backend = %address, %reason, "backend down"),
+        Change::Up(reason) => tracing::info!(%service, backend = %address, %reason, "backend up"),
     }
+    let (Change::Down(reason) | Change::Up(reason)) = change;
+    m.reason = reason;
+    m.since = SystemTime::now();
 }
 
 fn flow_state_name(state: u32, replied: bool) -> &'static str {
-    use lb_common::{flow_closed, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN};
+    use lb_common::{FLOW_BACKEND_FIN, FLOW_CLIENT_FIN};
     if flow_closed(state) {
         "closed"
     } else if state & (FLOW_CLIENT_FIN | FLOW_BACKEND_FIN) != 0 {
@@ -340,19 +590,46 @@ fn flow_state_name(state: u32, replied: bool) -> &'static str {
     }
 }
 
-fn backend_set(service: &ServiceState) -> BackendSet {
+/// Writes the service's backend slots if they differ from what the data path
+/// has.
+fn write_backends(datapath: &mut Datapath, service: &mut ServiceState, now: Instant) -> Result<()> {
+    let counts = datapath.active_counts(service.id)?;
+    let set = backend_set(service, &counts.active, now);
+    if service.written.as_deref().is_some_and(|w| w.len == set.len && w.slots == set.slots) {
+        return Ok(());
+    }
+    datapath.set_backends(service.id, &set)?;
+    service.written = Some(Box::new(set));
+    Ok(())
+}
+
+fn backend_set(service: &ServiceState, active: &[u64], now: Instant) -> BackendSet {
+    // Slow start caps a ramping backend at its share of the connections its
+    // tier holds: a weight alone would not hold least connections back from
+    // a backend with none.
+    let tier_load = |backup: bool| -> (u64, u64) {
+        service
+            .members()
+            .filter(|(_, m)| m.eligible && m.config.backup == backup)
+            .fold((0, 0), |(a, w), (i, m)| (a + active[i], w + m.config.weight as u64))
+    };
     let mut set = BackendSet { len: service.slots.len() as u32, ..Default::default() };
-    for (i, slot) in service.slots.iter().enumerate() {
-        if let Slot::Used { address, weight, removed } = slot {
-            set.slots[i] = Backend {
-                addr: wire_addr(*address.ip()),
-                port: address.port().to_be(),
-                flags: if *removed { 0 } else { BACKEND_ELIGIBLE },
-                tier: 0,
-                weight: *weight,
-                max_conns: 0,
-            };
+    for (i, m) in service.members() {
+        let mut max_conns = m.config.max_conns;
+        if let Some(ramp) = m.ramp(now).filter(|r| *r < 1.0) {
+            let (load, weight) = tier_load(m.config.backup);
+            let fair = load as f64 * m.config.weight as f64 / weight.max(1) as f64;
+            let cap = ((fair * ramp).ceil() as u32).max(1);
+            max_conns = if max_conns == 0 { cap } else { max_conns.min(cap) };
         }
+        set.slots[i] = Backend {
+            addr: wire_addr(*m.config.address.ip()),
+            port: m.config.address.port().to_be(),
+            flags: if m.eligible { BACKEND_ELIGIBLE } else { 0 },
+            tier: m.config.backup as u8,
+            weight: m.config.weight,
+            max_conns,
+        };
     }
     set
 }

@@ -1,11 +1,13 @@
 //! The `lb` command line: the agent, and the commands that talk to it.
 use std::{net::SocketAddrV4, path::PathBuf};
 
-use anyhow::Result;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    balancer::{FlowStatus, Status},
+    balancer::{Admin, FlowStatus, Status},
     config::{BackendConfig, Config, Mode, Scheduler, ServiceConfig},
     control::{call, Request, DEFAULT_SOCKET},
 };
@@ -65,7 +67,36 @@ enum BackendCommand {
         address: SocketAddrV4,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Only takes new flows while no primary backend can.
+        #[arg(long)]
+        backup: bool,
+        /// Cap on active connections (0: none).
+        #[arg(long, default_value_t = 0)]
+        max_conns: u32,
+        /// Seconds over which its share of new connections ramps up.
+        #[arg(long, default_value_t = 0.0)]
+        slow_start: f64,
+        /// Failed handshakes within --fail-timeout that mark it down (0: off).
+        #[arg(long, default_value_t = 1)]
+        max_fails: u32,
+        #[arg(long, default_value_t = 10.0)]
+        fail_timeout: f64,
     },
+    /// No new flows; established ones finish. `--wait` returns when none are left.
+    Drain {
+        service: String,
+        address: SocketAddrV4,
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+    },
+    /// Take new flows again (undoes drain and disable).
+    Enable { service: String, address: SocketAddrV4 },
+    /// Out at once: no new flows, established ones follow the service's
+    /// `on_backend_down` policy.
+    Disable { service: String, address: SocketAddrV4 },
     /// Take a backend out of rotation; its established flows finish.
     Remove { service: String, address: SocketAddrV4 },
     /// Change a backend's weight (0 takes no new flows).
@@ -106,6 +137,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 vip,
                 scheduler: Scheduler::LeastConn,
                 mode: Mode::Nat,
+                health: None,
+                on_backend_down: Default::default(),
                 backends: Vec::new(),
             };
             call(socket, &Request::ServiceAdd { service }).map(drop)
@@ -113,9 +146,42 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Service(ServiceCommand::Remove { name }) => {
             call(socket, &Request::ServiceRemove { name }).map(drop)
         }
-        Command::Backend(BackendCommand::Add { service, address, weight }) => {
-            call(socket, &Request::BackendAdd { service, backend: BackendConfig { address, weight } })
-                .map(drop)
+        Command::Backend(BackendCommand::Add {
+            service,
+            address,
+            weight,
+            backup,
+            max_conns,
+            slow_start,
+            max_fails,
+            fail_timeout,
+        }) => {
+            let backend = BackendConfig { backup, max_conns, slow_start, max_fails, fail_timeout, ..BackendConfig::new(address, weight) };
+            call(socket, &Request::BackendAdd { service, backend }).map(drop)
+        }
+        Command::Backend(BackendCommand::Drain { service, address, wait, timeout }) => {
+            let request = Request::BackendAdmin { service: service.clone(), address, admin: Admin::Draining };
+            let mut active = call(socket, &request)?.as_u64().unwrap_or(0);
+            if !wait {
+                println!("draining {address}: {active} active connections");
+                return Ok(());
+            }
+            let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+            while active > 0 {
+                if Instant::now() >= deadline {
+                    bail!("timed out after {timeout}s draining {address}: {active} connections remain");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                active = backend_active(socket, &service, address)?;
+            }
+            println!("drained {address}: 0 active connections");
+            Ok(())
+        }
+        Command::Backend(BackendCommand::Enable { service, address }) => {
+            call(socket, &Request::BackendAdmin { service, address, admin: Admin::Enabled }).map(drop)
+        }
+        Command::Backend(BackendCommand::Disable { service, address }) => {
+            call(socket, &Request::BackendAdmin { service, address, admin: Admin::Disabled }).map(drop)
         }
         Command::Backend(BackendCommand::Remove { service, address }) => {
             call(socket, &Request::BackendRemove { service, address }).map(drop)
@@ -124,6 +190,17 @@ pub fn run(cli: Cli) -> Result<()> {
             call(socket, &Request::BackendWeight { service, address, weight }).map(drop)
         }
     }
+}
+
+fn backend_active(socket: &std::path::Path, service: &str, address: SocketAddrV4) -> Result<u64> {
+    let status: Status = serde_json::from_value(call(socket, &Request::Status)?)?;
+    status
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.backends.iter().find(|b| b.address == address.to_string()))
+        .map(|b| b.active_connections)
+        .with_context(|| format!("service {service} has no backend {address} any more"))
 }
 
 pub fn render_status(status: &Status) -> String {
@@ -140,14 +217,29 @@ pub fn render_status(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<9} {:>8} {:>10} {:>12} {:>12}",
-            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES IN", "BYTES OUT"
+            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>12} {:>12}  {}",
+            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES IN", "BYTES OUT", "WHY"
         );
         for b in &s.backends {
+            let mut state = b.state.clone();
+            if b.backup {
+                state.push_str("/bk");
+            }
+            let ago = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() - b.since);
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<9} {:>8} {:>10} {:>12} {:>12}",
-                b.address, b.weight, b.state, b.active_connections, b.total_connections, b.bytes_in, b.bytes_out
+                "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>12} {:>12}  {} ({:.0}s ago)",
+                b.address,
+                b.weight,
+                state,
+                b.active_connections,
+                b.total_connections,
+                b.bytes_in,
+                b.bytes_out,
+                b.reason,
+                ago
             );
         }
     }

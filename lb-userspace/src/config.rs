@@ -5,6 +5,8 @@ use anyhow::{bail, Context, Result};
 use lb_common::{Timeouts, MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
+use crate::health::HealthConfig;
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -108,8 +110,27 @@ pub struct ServiceConfig {
     pub scheduler: Scheduler,
     #[serde(default)]
     pub mode: Mode,
+    /// Active health checks; without them backends count as up unless the
+    /// data path sees them fail (passive checks).
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// What happens to established flows when their backend goes down.
+    #[serde(default)]
+    pub on_backend_down: DownPolicy,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DownPolicy {
+    /// Established flows stay on the backend (it may only be unreachable
+    /// for the checks).
+    #[default]
+    Keep,
+    /// Established flows are closed: each client gets an RST at its next
+    /// packet instead of hanging until its own timeout.
+    Reset,
 }
 
 impl std::fmt::Display for Scheduler {
@@ -130,16 +151,55 @@ impl std::fmt::Display for Mode {
 
 pub const MAX_WEIGHT: u32 = 65_535;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: SocketAddrV4,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Takes new flows only while no primary backend can.
+    #[serde(default)]
+    pub backup: bool,
+    /// Cap on active connections (0: none), like nginx's `max_conns`.
+    #[serde(default)]
+    pub max_conns: u32,
+    /// Passive checks, like nginx: this many failed handshakes within
+    /// `fail_timeout` seconds mark the backend down for `fail_timeout`.
+    /// 0 turns passive checks off.
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: f64,
+    /// Seconds over which a recovered or added backend's share of new
+    /// connections ramps up, so least connections does not flood it.
+    #[serde(default)]
+    pub slow_start: f64,
+}
+
+impl BackendConfig {
+    pub fn new(address: SocketAddrV4, weight: u32) -> Self {
+        Self {
+            address,
+            weight,
+            backup: false,
+            max_conns: 0,
+            max_fails: default_max_fails(),
+            fail_timeout: default_fail_timeout(),
+            slow_start: 0.0,
+        }
+    }
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn default_max_fails() -> u32 {
+    1
+}
+
+fn default_fail_timeout() -> f64 {
+    10.0
 }
 
 impl Config {
@@ -193,9 +253,12 @@ impl ServiceConfig {
         if self.backends.len() > MAX_BACKENDS as usize {
             bail!("service {}: at most {MAX_BACKENDS} backends, not {}", self.name, self.backends.len());
         }
+        if let Some(h) = &self.health {
+            h.validate().with_context(|| format!("service {}", self.name))?;
+        }
         let mut seen = HashSet::new();
         for b in &self.backends {
-            validate_backend(&self.name, b.address, b.weight)?;
+            b.validate(&self.name)?;
             if !seen.insert(b.address) {
                 bail!("service {}: backend {} is listed twice", self.name, b.address);
             }
@@ -212,6 +275,18 @@ pub fn validate_name(name: &str) -> Result<()> {
         bail!("service name {name:?} must be 1-64 letters, digits, '-', '_' or '.'");
     }
     Ok(())
+}
+
+impl BackendConfig {
+    pub fn validate(&self, service: &str) -> Result<()> {
+        validate_backend(service, self.address, self.weight)?;
+        for (name, v) in [("fail_timeout", self.fail_timeout), ("slow_start", self.slow_start)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("service {service}: backend {}: {name} must be a number of seconds, not {v}", self.address);
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn validate_backend(service: &str, address: SocketAddrV4, weight: u32) -> Result<()> {

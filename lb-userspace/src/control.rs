@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    balancer::Balancer,
+    balancer::{Admin, Balancer},
     config::{BackendConfig, ServiceConfig},
 };
 
@@ -26,6 +26,7 @@ pub enum Request {
     BackendAdd { service: String, backend: BackendConfig },
     BackendRemove { service: String, address: SocketAddrV4 },
     BackendWeight { service: String, address: SocketAddrV4, weight: u32 },
+    BackendAdmin { service: String, address: SocketAddrV4, admin: Admin },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +68,11 @@ pub fn handle(balancer: &mut Balancer, request: Request) -> Response {
                 balancer.set_weight(&service, address, weight)?;
                 tracing::info!(%service, backend = %address, weight, "weight changed");
                 serde_json::Value::Null
+            }
+            Request::BackendAdmin { service, address, admin } => {
+                balancer.set_admin(&service, address, admin)?;
+                tracing::info!(%service, backend = %address, ?admin, "backend admin state changed");
+                serde_json::to_value(balancer.active_of(&service, address))?
             }
         })
     })();

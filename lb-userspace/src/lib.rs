@@ -6,3 +6,4 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod health;

@@ -63,10 +63,12 @@ pub fn balancer(weights: &[u32], max_flows: u32) -> Balancer {
         vip: VIP,
         scheduler: Scheduler::LeastConn,
         mode: Mode::Nat,
+        health: None,
+        on_backend_down: Default::default(),
         backends: weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| BackendConfig { address: backend(i), weight })
+            .map(|(i, &weight)| BackendConfig::new(backend(i), weight))
             .collect(),
     };
     balancer.add_service(&service).unwrap();
