@@ -174,6 +174,9 @@ pub enum Counter {
     NoBackend,
     /// A retransmitted, unanswered SYN moved to another backend.
     SynRetried,
+    /// A backend refused a handshake with RST; dropped so that the client's
+    /// retransmitted SYN goes to another backend.
+    RefusalSwallowed,
     /// A client packet of a reset flow answered with an RST.
     ResetSent,
     /// The connection table was full; the SYN was dropped (the client retries).
@@ -188,7 +191,7 @@ pub enum Counter {
     Fragment,
 }
 
-pub const COUNTER_COUNT: usize = 16;
+pub const COUNTER_COUNT: usize = 17;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "packets",
@@ -200,6 +203,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "closed_flows",
     "no_backend",
     "syn_retried",
+    "refusal_swallowed",
     "reset_sent",
     "table_full",
     "no_neighbour",

@@ -37,22 +37,34 @@ pub fn reusable(flow: *const Flow) -> bool {
     unsafe { (*flow).direction == DIR_FORWARD && flow_closed((*flow).state) }
 }
 
+pub enum Tracked {
+    Forward,
+    /// The backend refused the handshake and another backend can take the
+    /// flow: the RST is dropped, and the client's SYN retransmission moves
+    /// to that backend (the layer-4 form of nginx's next-upstream retry).
+    RefusalSwallowed,
+}
+
 /// Bookkeeping for a packet of a known flow.
 #[inline(always)]
-pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) {
+pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) -> Tracked {
     let last_seen = unsafe { (*flow).last_seen };
+    let direction = unsafe { (*flow).direction };
+    if direction == DIR_REPLY && last_seen == 0 && pkt.flags & TCP_RST != 0 {
+        // The backend's first answer is a refusal: a passive health failure.
+        let (service, slot) = unsafe { ((*flow).service, (*flow).slot) };
+        if let Some(s) = stats::backend(service, slot) {
+            unsafe { (*s).refused += 1 };
+        }
+        if schedule::choose(service as u32, slot as u32).is_some() {
+            return Tracked::RefusalSwallowed;
+        }
+    }
     if now.wrapping_sub(last_seen) > TOUCH_EVERY_NS {
         unsafe { (*flow).last_seen = now };
     }
     if pkt.flags & (TCP_FIN | TCP_RST) == 0 {
-        return;
-    }
-    let direction = unsafe { (*flow).direction };
-    if direction == DIR_REPLY && last_seen == 0 && pkt.flags & TCP_RST != 0 {
-        // The backend's first answer is a refusal: a passive health failure.
-        if let Some(s) = unsafe { stats::backend((*flow).service, (*flow).slot) } {
-            unsafe { (*s).refused += 1 };
-        }
+        return Tracked::Forward;
     }
     let bit = if pkt.flags & TCP_RST != 0 {
         FLOW_RESET
@@ -66,6 +78,7 @@ pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) {
     } else if let Some(forward) = forward_of_reply(key, flow) {
         mark(forward, bit);
     }
+    Tracked::Forward
 }
 
 /// The forward entry a reply entry belongs to: its client is the reply's

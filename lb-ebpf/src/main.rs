@@ -98,7 +98,10 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 let action = reset::answer(ctx, &pkt);
                 return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictTx });
             }
-            conntrack::track(&pkt, &key, entry, now);
+            if let conntrack::Tracked::RefusalSwallowed = conntrack::track(&pkt, &key, entry, now) {
+                stats::count(Counter::RefusalSwallowed);
+                return DROP;
+            }
             flow
         }
         // Not a flow of ours: the host's own traffic, or a stray segment the
