@@ -96,7 +96,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
             let flow = unsafe { *entry };
             if conntrack::answer_with_reset(&flow) && pkt.flags & parse::TCP_RST == 0 {
                 let action = reset::answer(ctx, &pkt);
-                return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictTx });
+                return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
             }
             if let conntrack::Tracked::RefusalSwallowed = conntrack::track(&pkt, &key, entry, now) {
                 stats::count(Counter::RefusalSwallowed);

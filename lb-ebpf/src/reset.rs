@@ -2,8 +2,8 @@
 //! closed because their backend died (service policy `reset`): the client
 //! learns at its next packet instead of waiting out its timeouts.
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_TX},
-    helpers::bpf_xdp_adjust_tail,
+    bindings::xdp_action::XDP_DROP,
+    helpers::{bpf_redirect, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 
@@ -19,7 +19,8 @@ fn words(bytes: [u8; 4]) -> u32 {
     u16::from_be_bytes([bytes[0], bytes[1]]) as u32 + u16::from_be_bytes([bytes[2], bytes[3]]) as u32
 }
 
-/// Turns `pkt` into the RST that answers it and sends it back out.
+/// Turns `pkt` into the RST that answers it and sends it back out of the
+/// interface it came in on (a redirect, not XDP_TX: see `forward.rs`).
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, pkt: &TcpPacket) -> u32 {
     let (client_mac, our_mac, client, vip, client_port, vip_port, seq, ack, flags) = unsafe {
@@ -94,5 +95,5 @@ pub fn answer(ctx: &XdpContext, pkt: &TcpPacket) -> u32 {
         + ((5u32 << 12) | flags as u32);
     tcp[16..18].copy_from_slice(&(!fold(tcp_sum)).to_be_bytes());
     crate::stats::count(lb_common::Counter::ResetSent);
-    XDP_TX
+    unsafe { bpf_redirect((*ctx.ctx).ingress_ifindex, 0) as u32 }
 }

@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     netns::{sh, Netns},
-    servers::EchoServer,
+    servers::{EchoProcess, EchoServer},
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -90,15 +90,39 @@ impl Lab {
     /// The config for one service "web" on VIP over these backends, with the
     /// given weights and extra `[agent]` lines.
     pub fn config(&self, weights: &[u32], agent_extra: &str) -> String {
+        let backends: Vec<String> = weights.iter().map(|w| format!("weight = {w}")).collect();
+        let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+        self.config_full(&backends, agent_extra, "")
+    }
+
+    /// The same with free TOML: lines for each backend (one per backend, in
+    /// order), for `[agent]`, and for the service (after its other keys, so
+    /// it may open tables such as `[service.health]`).
+    pub fn config_full(&self, backends: &[&str], agent_extra: &str, service_extra: &str) -> String {
         let mut c = format!(
             "[agent]\ninterfaces = [\"cli\", \"srv\"]\nsocket = \"{}\"\n{agent_extra}\n\n\
-             [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nscheduler = \"least_conn\"\nmode = \"nat\"\n",
+             [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nscheduler = \"least_conn\"\nmode = \"nat\"\n{service_extra}\n",
             self.socket().display()
         );
-        for (i, w) in weights.iter().enumerate() {
-            c.push_str(&format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {w}\n", backend_addr(i)));
+        for (i, extra) in backends.iter().enumerate() {
+            c.push_str(&format!("\n[[service.backend]]\naddress = \"{}\"\n{extra}\n", backend_addr(i)));
         }
         c
+    }
+
+    /// Backend servers as processes (`lb-echo`), named b1, b2, ...: echo on
+    /// port 80, HTTP health on 81.
+    pub fn start_processes(&self) -> Vec<EchoProcess> {
+        (0..self.backends.len()).map(|i| self.start_process(i)).collect()
+    }
+
+    pub fn start_process(&self, i: usize) -> EchoProcess {
+        EchoProcess::start(&self.backends[i], backend_addr(i), &format!("b{}", i + 1), &self.unhealthy_flag(i))
+    }
+
+    /// While this file exists, backend i's HTTP health endpoint answers 503.
+    pub fn unhealthy_flag(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("b{}.unhealthy", i + 1))
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -190,6 +214,12 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One backend of service `web` by address.
+    pub fn backend(&self, address: SocketAddrV4) -> serde_json::Value {
+        let address = address.to_string();
+        self.backends().into_iter().find(|b| b["address"] == address.as_str()).expect("no such backend")
     }
 
     /// Waits until `check` holds for the status, or panics with the last one.

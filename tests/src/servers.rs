@@ -10,7 +10,7 @@ use std::{
         Arc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::netns::Netns;
@@ -29,22 +29,27 @@ impl EchoServer {
         let listener = ns.run(|| TcpListener::bind(addr).expect("bind backend server"));
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let greeting = format!("{name}\n");
         let thread = {
             let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            let greeting = greeting.clone();
-                            std::thread::spawn(move || echo(conn, &greeting));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            })
+            let name = name.to_string();
+            std::thread::spawn(move || serve(listener, &name, &stop))
         };
         Self { name: name.to_string(), addr, stop, thread: Some(thread) }
+    }
+}
+
+/// Accepts on a non-blocking `listener` until `stop`: each connection is
+/// greeted with `name` and echoed on its own thread.
+pub fn serve(listener: TcpListener, name: &str, stop: &AtomicBool) {
+    let greeting = format!("{name}\n");
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let greeting = greeting.clone();
+                std::thread::spawn(move || echo(conn, &greeting));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
     }
 }
 
@@ -121,5 +126,106 @@ impl Held {
         (&self.stream).read_exact(&mut back)?;
         sender.join().expect("sender thread")?;
         Ok(back)
+    }
+}
+
+/// The outcome of one request of a load run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub started: Instant,
+    pub finished: Instant,
+    /// The backend that greeted us, if one did.
+    pub backend: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One request as a load client makes it: connect, learn the backend, send
+/// and read back a few bytes, hold the connection `hold`, do it again, close.
+/// Every step has `timeout`.
+pub fn request_held(client: &Netns, target: SocketAddrV4, hold: Duration, timeout: Duration) -> Outcome {
+    let started = Instant::now();
+    let mut backend = None;
+    let result = (|| -> std::io::Result<()> {
+        let stream = client.run(|| TcpStream::connect_timeout(&SocketAddr::V4(target), timeout))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        if !line.ends_with('\n') {
+            return Err(std::io::Error::other("closed before the greeting"));
+        }
+        backend = Some(line.trim().to_string());
+        let held = Held { stream, backend: line.trim().to_string() };
+        if held.round_trip(b"ping")? != b"ping" {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        std::thread::sleep(hold);
+        if held.round_trip(b"pong")? != b"pong" {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        held.close()
+    })();
+    Outcome { started, finished: Instant::now(), backend, error: result.err().map(|e| e.to_string()) }
+}
+
+/// `threads` clients making `request_held` requests back to back until
+/// `duration` is over. Bounded: it stops by itself.
+pub fn load(client: &Netns, target: SocketAddrV4, threads: usize, duration: Duration, hold: Duration) -> Vec<Outcome> {
+    let end = Instant::now() + duration;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut outcomes = Vec::new();
+                    while Instant::now() < end {
+                        outcomes.push(request_held(client, target, hold, Duration::from_secs(3)));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    })
+}
+
+/// A backend server as its own process (`lb-echo`), so that a test can kill
+/// it as a crash would: every socket closes at once.
+pub struct EchoProcess {
+    pub name: String,
+    child: std::process::Child,
+}
+
+impl EchoProcess {
+    /// Echo on `addr`; HTTP `GET /health` on the next port, answering 200, or
+    /// 503 while `unhealthy_flag` exists.
+    pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, unhealthy_flag: &std::path::Path) -> Self {
+        let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-echo");
+        let child = ns
+            .command(bin.to_str().unwrap())
+            .arg(addr.to_string())
+            .arg(name)
+            .arg(unhealthy_flag)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start lb-echo (built by `cargo xtask build`)");
+        // Listening once it answers.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ns.run(|| TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_millis(200))).is_err() {
+            assert!(Instant::now() < deadline, "lb-echo did not start on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { name: name.to_string(), child }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

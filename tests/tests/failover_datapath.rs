@@ -4,7 +4,7 @@
 use lb::{
     balancer::Admin,
     config::BackendConfig,
-    datapath::{XDP_DROP, XDP_REDIRECT, XDP_TX},
+    datapath::{XDP_DROP, XDP_REDIRECT},
 };
 use lb_common::Counter;
 use lb_tests::{
@@ -122,7 +122,7 @@ fn a_reset_flow_answers_the_client_with_a_valid_rst() {
         let t = 14 + 20;
         data[t + 8..t + 12].copy_from_slice(&0x1122_3344u32.to_be_bytes());
         let (verdict, out) = run(b, &fix(data));
-        assert_eq!(verdict, XDP_TX, "sent back where it came from");
+        assert_eq!(verdict, XDP_REDIRECT, "sent back where it came from");
         assert_eq!(out.len(), 54, "headers only");
         let rst = inspect(&out); // checksums verified from scratch
         assert_eq!((rst.src, rst.dst), (VIP, client(50010)));
@@ -131,7 +131,7 @@ fn a_reset_flow_answers_the_client_with_a_valid_rst() {
         assert_eq!(counter(b, Counter::ResetSent), 1);
         // The client's own RST is not answered.
         let (verdict, _) = run(b, &Tcp::new(client(50010), VIP, RST).frame());
-        assert_ne!(verdict, XDP_TX);
+        assert_ne!(verdict, XDP_REDIRECT);
     });
 }
 
