@@ -178,8 +178,12 @@ impl Health {
         }
         self.streak += 1;
         if ok && self.streak >= rise {
+            // Checks that pass again are better evidence than the passive
+            // hold, which only waits out `fail_timeout`.
             self.active_up = true;
             self.streak = 0;
+            self.down_until = None;
+            self.failures.clear();
             return Some(Change::Up(format!("active check passed {rise} times ({detail})")));
         }
         if !ok && self.streak >= fall {
@@ -257,6 +261,19 @@ mod tests {
         assert_eq!(h.record_check(result(true), 2, 3), None);
         assert!(matches!(h.record_check(result(true), 2, 3), Some(Change::Up(_))));
         assert!(h.is_up(now));
+    }
+
+    #[test]
+    fn recovery_seen_by_active_checks_ends_a_passive_hold() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        assert!(matches!(h.record_passive(1, t0, 1, Duration::from_secs(10)), Some(Change::Down(_))));
+        for _ in 0..3 {
+            h.record_check(result(false), 2, 3);
+        }
+        assert_eq!(h.record_check(result(true), 2, 3), None);
+        assert!(matches!(h.record_check(result(true), 2, 3), Some(Change::Up(_))));
+        assert!(h.is_up(t0 + Duration::from_secs(1)), "up well before the 10 s hold ends");
     }
 
     #[test]

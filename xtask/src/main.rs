@@ -28,8 +28,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Build, then balance real connections in a lab of network namespaces.
-    Demo,
+    /// Build, then balance real connections in a lab of network namespaces:
+    /// `balance` (the default) or `failover`.
+    Demo {
+        #[arg(default_value = "balance")]
+        which: String,
+    },
     /// Benchmarks: `micro` (the program's cost per packet).
     Bench {
         #[arg(default_value = "micro")]
@@ -53,10 +57,10 @@ fn main() -> Result<()> {
             build()?;
             test(&args)
         }
-        Task::Demo => {
+        Task::Demo { which } => {
             setup()?;
             build()?;
-            demo()
+            run(&mut Command::new("target/release/lb-demo").arg(which))
         }
         Task::Bench { which } => {
             setup()?;
@@ -170,8 +174,4 @@ fn count_before(line: &str, word: &str) -> u64 {
         .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word.trim()))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn demo() -> Result<()> {
-    run(&mut Command::new("target/release/lb-demo"))
 }
