@@ -7,14 +7,14 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::programs::{xdp::XdpLinkId, XdpMode};
+use aya::programs::XdpMode;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
 };
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::PathBuf};
 
 use tokio::sync::mpsc;
 
@@ -24,28 +24,82 @@ use crate::{
     health::{self, CheckResult},
     config::{Config, XdpModeSetting},
     control::{self, Request, Response},
-    datapath::Datapath,
+    datapath::{Datapath, Pins},
 };
 
-pub fn run(config: Config) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(serve(config))
+/// How the agent was started.
+pub struct Options {
+    pub config_path: PathBuf,
+    /// Take the data path off when the agent stops; otherwise it keeps
+    /// forwarding and the next agent takes it over.
+    pub detach_on_exit: bool,
 }
 
-async fn serve(config: Config) -> Result<()> {
-    let datapath = Datapath::load(config.agent.max_flows)?;
+pub fn run(config: Config, options: Options) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(serve(config, options))
+}
+
+/// What a control connection asks of the agent's loop.
+enum LoopRequest {
+    Reload(tokio::sync::oneshot::Sender<Response>),
+    Shutdown(tokio::sync::oneshot::Sender<Response>),
+}
+
+async fn serve(config: Config, options: Options) -> Result<()> {
+    let pins = Pins::new(&config.agent.pin_dir)?;
+    let (datapath, reused) = match Datapath::load_pinned(config.agent.max_flows, &pins) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let _ = pins.remove_if_empty();
+            return Err(e);
+        }
+    };
+    let result = run_loaded(config, options, &pins, datapath, reused).await;
+    if result.is_err() && !reused {
+        // Nothing was running before this agent: leave nothing behind.
+        let _ = pins.remove_all();
+    }
+    result
+}
+
+async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Datapath, reused: bool) -> Result<()> {
+    if reused && datapath.max_flows() != config.agent.max_flows {
+        tracing::warn!(
+            running = datapath.max_flows(),
+            configured = config.agent.max_flows,
+            "the running connection table keeps its size; `lb shutdown` and start again to resize it"
+        );
+    }
     let mut balancer = Balancer::new(datapath);
+    let adopted = if reused { balancer.adopt() } else { 0 };
     for service in &config.services {
         balancer
             .add_service(service)
             .with_context(|| format!("configuring service {}", service.name))?;
     }
-    let mut links = Vec::new();
+    balancer.finish_adoption()?;
     for interface in &config.agent.interfaces {
-        let link = attach(&mut balancer.datapath, interface, config.agent.xdp_mode)?;
-        links.push(link);
+        attach(&mut balancer.datapath, interface, config.agent.xdp_mode, pins)?;
+    }
+    for interface in pins.linked_interfaces() {
+        if !config.agent.interfaces.contains(&interface) {
+            tracing::info!(interface, "detaching from an interface no longer in the config");
+            pins.detach(&interface)?;
+        }
+    }
+    if reused {
+        let status = balancer.status()?;
+        tracing::info!(
+            services = adopted,
+            flows = status.flow_table.flows,
+            "took over the running data path: established flows kept"
+        );
     }
     let balancer = Arc::new(Mutex::new(balancer));
+    if let Some(address) = config.agent.metrics {
+        crate::metrics::serve(address, balancer.clone()).await?;
+    }
 
     let listener = bind(&config.agent.socket)?;
     tracing::info!(
@@ -57,6 +111,9 @@ async fn serve(config: Config) -> Result<()> {
 
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (loop_tx, mut loop_rx) = mpsc::channel::<LoopRequest>(4);
+    let mut detach = options.detach_on_exit;
     let mut aging_tick = tokio::time::interval(Duration::from_millis(config.agent.aging_interval_ms));
     let mut control_tick = tokio::time::interval(CONTROL_TICK);
     let timeouts = config.agent.timeouts.to_wire();
@@ -66,6 +123,22 @@ async fn serve(config: Config) -> Result<()> {
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+            _ = hangup.recv() => {
+                let response = reload(&balancer, &options.config_path);
+                if !response.ok {
+                    tracing::error!("reload refused: {}", response.error.unwrap_or_default());
+                }
+            }
+            Some(request) = loop_rx.recv() => match request {
+                LoopRequest::Reload(reply) => {
+                    let _ = reply.send(reload(&balancer, &options.config_path));
+                }
+                LoopRequest::Shutdown(reply) => {
+                    detach = true;
+                    let _ = reply.send(Response { ok: true, error: None, result: serde_json::Value::Null });
+                    break;
+                }
+            },
             Some((service, address, result)) = checked.recv() => {
                 if let Err(e) = balancer.lock().unwrap().record_check(&service, address, result) {
                     tracing::warn!("applying a health check result failed: {e:#}");
@@ -94,8 +167,9 @@ async fn serve(config: Config) -> Result<()> {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let balancer = balancer.clone();
+                    let loop_tx = loop_tx.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, balancer).await {
+                        if let Err(e) = answer(stream, balancer, loop_tx).await {
                             tracing::debug!("control connection: {e:#}");
                         }
                     });
@@ -105,13 +179,34 @@ async fn serve(config: Config) -> Result<()> {
     }
 
     checkers.reconcile(Vec::new(), &check_results);
-    tracing::info!("shutting down: detaching the XDP program");
-    let mut b = balancer.lock().unwrap();
-    for link in links {
-        b.datapath.detach(link)?;
-    }
     let _ = std::fs::remove_file(&config.agent.socket);
+    drop(balancer);
+    if detach {
+        tracing::info!("detaching the XDP program and removing its pinned state");
+        pins.remove_all()?;
+    } else {
+        tracing::info!(
+            pin_dir = %config.agent.pin_dir.display(),
+            "agent stopping; the data path keeps forwarding (`lb shutdown` takes it off)"
+        );
+    }
     Ok(())
+}
+
+fn reload(balancer: &Mutex<Balancer>, path: &std::path::Path) -> Response {
+    let result = Config::load(path).and_then(|config| balancer.lock().unwrap().reload(&config));
+    match result {
+        Ok(changes) => {
+            if changes.is_empty() {
+                tracing::info!("config reloaded: nothing changed");
+            }
+            for change in &changes {
+                tracing::info!("config reloaded: {change}");
+            }
+            Response { ok: true, error: None, result: serde_json::json!({ "changes": changes }) }
+        }
+        Err(e) => Response { ok: false, error: Some(format!("{e:#}; the running config is unchanged")), result: serde_json::Value::Null },
+    }
 }
 
 /// How often passive health, slow starts and drains are looked at.
@@ -160,30 +255,30 @@ impl Checkers {
     }
 }
 
-fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting) -> Result<XdpLinkId> {
-    match mode {
+fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting, pins: &Pins) -> Result<()> {
+    let attached = match mode {
         XdpModeSetting::Native => datapath
-            .attach(interface, XdpMode::Driver)
+            .attach_pinned(interface, XdpMode::Driver, pins)
             .with_context(|| format!("attaching in native mode to {interface}")),
         XdpModeSetting::Generic => datapath
-            .attach(interface, XdpMode::Skb)
+            .attach_pinned(interface, XdpMode::Skb, pins)
             .with_context(|| format!("attaching in generic mode to {interface}")),
-        XdpModeSetting::Auto => match datapath.attach(interface, XdpMode::Driver) {
-            Ok(link) => {
-                tracing::info!(interface, "attached in native (driver) mode");
-                Ok(link)
-            }
-            Err(e) => {
-                tracing::warn!(
-                    interface,
-                    "native XDP is not available ({e:#}); falling back to generic mode, which is slower"
-                );
-                datapath
-                    .attach(interface, XdpMode::Skb)
-                    .with_context(|| format!("attaching to {interface} (does the interface exist?)"))
-            }
-        },
+        XdpModeSetting::Auto => datapath.attach_pinned(interface, XdpMode::Driver, pins).or_else(|e| {
+            tracing::warn!(
+                interface,
+                "native XDP is not available ({e:#}); falling back to generic mode, which is slower"
+            );
+            datapath
+                .attach_pinned(interface, XdpMode::Skb, pins)
+                .with_context(|| format!("attaching to {interface} (does the interface exist?)"))
+        }),
+    }?;
+    if attached {
+        tracing::info!(interface, "took over the running program's attachment (atomic replace)");
+    } else {
+        tracing::info!(interface, "attached");
     }
+    Ok(())
 }
 
 /// The socket is created by root and usable only by root.
@@ -200,11 +295,20 @@ fn bind(path: &std::path::Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn answer(stream: UnixStream, balancer: Arc<Mutex<Balancer>>) -> Result<()> {
+async fn answer(stream: UnixStream, balancer: Arc<Mutex<Balancer>>, loop_tx: mpsc::Sender<LoopRequest>) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request @ (Request::Reload | Request::Shutdown)) => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let request = match request {
+                Request::Reload => LoopRequest::Reload(reply),
+                _ => LoopRequest::Shutdown(reply),
+            };
+            loop_tx.send(request).await?;
+            answer.await?
+        }
         Ok(request) => control::handle(&mut balancer.lock().unwrap(), request),
         Err(e) => Response { ok: false, error: Some(format!("malformed request: {e}")), result: serde_json::Value::Null },
     };

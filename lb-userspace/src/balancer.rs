@@ -112,6 +112,8 @@ struct ServiceState {
     slots: Vec<Slot>,
     /// What was last written to the data path.
     written: Option<Box<BackendSet>>,
+    /// Found in the pinned maps, not yet claimed by the config.
+    adopted: bool,
 }
 
 impl ServiceState {
@@ -236,34 +238,164 @@ impl Balancer {
         if self.services.iter().any(|s| s.name == config.name) {
             bail!("a service named {:?} already exists", config.name);
         }
-        if let Some(s) = self.services.iter().find(|s| s.vip == config.vip) {
+        if let Some(s) = self.services.iter().find(|s| s.vip == config.vip && !s.adopted) {
             bail!("VIP {} is already used by service {:?}", config.vip, s.name);
         }
-        let id = (0..MAX_SERVICES)
-            .find(|id| {
-                !self.services.iter().any(|s| s.id == *id) && !self.retired.iter().any(|r| r.id == *id)
-            })
-            .with_context(|| format!("all {MAX_SERVICES} service slots are in use"))?;
-        let mut service = ServiceState {
-            name: config.name.clone(),
-            vip: config.vip,
-            scheduler: config.scheduler,
-            mode: config.mode,
-            health: config.health.clone(),
-            on_down: config.on_backend_down,
-            id,
-            slots: Vec::new(),
-            written: None,
+        let index = match self.services.iter().position(|s| s.vip == config.vip) {
+            // What a previous agent left running: its flows keep their slots.
+            Some(adopted) => adopted,
+            None => {
+                let id = (0..MAX_SERVICES)
+                    .find(|id| {
+                        !self.services.iter().any(|s| s.id == *id) && !self.retired.iter().any(|r| r.id == *id)
+                    })
+                    .with_context(|| format!("all {MAX_SERVICES} service slots are in use"))?;
+                self.services.push(ServiceState {
+                    name: String::new(),
+                    vip: config.vip,
+                    scheduler: config.scheduler,
+                    mode: config.mode,
+                    health: None,
+                    on_down: config.on_backend_down,
+                    id,
+                    slots: Vec::new(),
+                    written: None,
+                    adopted: false,
+                });
+                self.services.len() - 1
+            }
         };
-        for (slot, b) in config.backends.iter().enumerate() {
+        let counts = self.datapath.active_counts(self.services[index].id)?;
+        let service = &mut self.services[index];
+        service.name = config.name.clone();
+        service.scheduler = config.scheduler;
+        service.mode = config.mode;
+        service.health = config.health.clone();
+        service.on_down = config.on_backend_down;
+        service.adopted = false;
+        let mut fresh = Vec::new();
+        for b in &config.backends {
+            let (slot, new) = place(service, &counts.active, b)?;
+            if new {
+                fresh.push(slot);
+            }
+        }
+        let id = service.id;
+        for slot in fresh {
             self.datapath.clear_backend_stats(id, slot as u32)?;
-            service.slots.push(Slot::Used(Box::new(Member::new(b.clone()))));
         }
         // Backends first, so the service never appears without them.
-        write_backends(&mut self.datapath, &mut service, Instant::now())?;
+        let service = &mut self.services[index];
+        write_backends(&mut self.datapath, service, Instant::now())?;
         self.datapath.set_service(service.vip, id)?;
-        self.services.push(service);
         Ok(())
+    }
+
+    /// Takes in the services a previous agent left in the pinned maps: their
+    /// backends keep their slots (and so their flows' counts) but take no new
+    /// flows until the config claims them. Returns how many it found.
+    pub fn adopt(&mut self) -> usize {
+        let pinned = self.datapath.pinned_services();
+        for (key, service, set) in &pinned {
+            let vip = host_socket(key.addr, key.port);
+            let slots = set.slots[..set.len.min(MAX_BACKENDS) as usize]
+                .iter()
+                .map(|b| {
+                    if b.addr == 0 {
+                        return Slot::Free;
+                    }
+                    let mut m = Member::new(BackendConfig::new(host_socket(b.addr, b.port), b.weight));
+                    m.removed = true;
+                    m.eligible = b.flags & BACKEND_ELIGIBLE != 0;
+                    m.reason = "found running, not in the config".into();
+                    Slot::Used(Box::new(m))
+                })
+                .collect();
+            self.services.push(ServiceState {
+                name: format!("(adopted {vip})"),
+                vip,
+                scheduler: Scheduler::LeastConn,
+                mode: Mode::Nat,
+                health: None,
+                on_down: DownPolicy::Keep,
+                id: service.id,
+                slots,
+                written: Some(Box::new(*set)),
+                adopted: true,
+            });
+        }
+        pinned.len()
+    }
+
+    /// Removes the adopted services the config did not claim; their flows
+    /// finish.
+    pub fn finish_adoption(&mut self) -> Result<()> {
+        let unclaimed: Vec<String> = self.services.iter().filter(|s| s.adopted).map(|s| s.name.clone()).collect();
+        for name in unclaimed {
+            tracing::info!(service = %name, "removing a running service that is not in the config");
+            self.remove_service(&name)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a new config as a difference: services and backends added,
+    /// removed or changed; unchanged backends and all established flows are
+    /// left alone, and drains stay. The config is validated first, so an
+    /// invalid one changes nothing. Returns what it changed.
+    pub fn reload(&mut self, config: &crate::config::Config) -> Result<Vec<String>> {
+        config.validate()?;
+        let mut changes = Vec::new();
+        let wanted: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<String> =
+            self.services.iter().filter(|s| !wanted.contains(&s.name.as_str())).map(|s| s.name.clone()).collect();
+        for name in gone {
+            self.remove_service(&name)?;
+            changes.push(format!("removed service {name}"));
+        }
+        // A VIP moving to another service: remove first, add below.
+        for new in &config.services {
+            let moved = self.services.iter().any(|s| s.name == new.name && s.vip != new.vip);
+            if moved {
+                self.remove_service(&new.name)?;
+                changes.push(format!("removed service {} (VIP changed)", new.name));
+            }
+        }
+        for new in &config.services {
+            if !self.services.iter().any(|s| s.name == new.name) {
+                self.add_service(new)?;
+                changes.push(format!("added service {}", new.name));
+                continue;
+            }
+            let s = self.service_mut(&new.name)?;
+            if s.health != new.health || s.on_down != new.on_backend_down {
+                s.health = new.health.clone();
+                s.on_down = new.on_backend_down;
+                changes.push(format!("{}: health checks or down policy changed", new.name));
+            }
+            let current: Vec<BackendConfig> = s.members().filter(|(_, m)| !m.removed).map(|(_, m)| m.config.clone()).collect();
+            for old in &current {
+                if !new.backends.iter().any(|b| b.address == old.address) {
+                    self.remove_backend(&new.name, old.address)?;
+                    changes.push(format!("{}: removed backend {}", new.name, old.address));
+                }
+            }
+            for b in &new.backends {
+                match current.iter().find(|old| old.address == b.address) {
+                    None => {
+                        self.add_backend(&new.name, b)?;
+                        changes.push(format!("{}: added backend {}", new.name, b.address));
+                    }
+                    Some(old) if old != b => {
+                        let s = self.service_mut(&new.name)?;
+                        s.member_mut(b.address)?.config = b.clone();
+                        changes.push(format!("{}: changed backend {}", new.name, b.address));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.refresh()?;
+        Ok(changes)
     }
 
     pub fn remove_service(&mut self, name: &str) -> Result<()> {
@@ -284,39 +416,15 @@ impl Balancer {
         backend.validate(service)?;
         let id = self.service_mut(service)?.id;
         let counts = self.datapath.active_counts(id)?;
-        let s = self.service_mut(service)?;
-        let existing = s.slots.iter().position(
-            |slot| matches!(slot, Slot::Used(m) if m.config.address == backend.address),
-        );
-        let slot = match existing {
-            Some(i) => match &s.slots[i] {
-                // Back before its old flows finished: it keeps its slot.
-                Slot::Used(m) if m.removed => i,
-                _ => bail!("service {service} already has backend {}", backend.address),
-            },
-            None => {
-                let reusable = s.slots.iter().enumerate().position(|(i, slot)| match slot {
-                    Slot::Free => true,
-                    Slot::Used(m) => m.removed && counts.active[i] == 0,
-                });
-                match reusable {
-                    Some(i) => i,
-                    None if s.slots.len() < MAX_BACKENDS as usize => {
-                        s.slots.push(Slot::Free);
-                        s.slots.len() - 1
-                    }
-                    None => bail!("service {service} already has {MAX_BACKENDS} backends"),
-                }
-            }
-        };
-        if existing.is_none() {
+        let (slot, fresh) = place(self.service_mut(service)?, &counts.active, backend)?;
+        if fresh {
             self.datapath.clear_backend_stats(id, slot as u32)?;
         }
         let stats = self.datapath.backend_stats(id, slot as u32)?;
-        let mut member = Member::new(backend.clone());
-        member.health.reset_passive(stats.refused + stats.unanswered);
         let s = self.service_mut(service)?;
-        s.slots[slot] = Slot::Used(Box::new(member));
+        if let Slot::Used(m) = &mut s.slots[slot] {
+            m.health.reset_passive(stats.refused + stats.unanswered);
+        }
         let s = self.services.iter_mut().find(|s| s.name == service).unwrap();
         write_backends(&mut self.datapath, s, Instant::now())
     }
@@ -564,6 +672,39 @@ impl Balancer {
         flows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
         flows
     }
+}
+
+/// Gives `backend` a slot of `service`: the one it had if it is coming back
+/// before its old flows finished, else a free one or a removed backend's
+/// whose flows have all gone, else a new one. Says whether the slot is new to
+/// it (its statistics start from zero).
+fn place(service: &mut ServiceState, active: &[u64], backend: &BackendConfig) -> Result<(usize, bool)> {
+    let name = &service.name;
+    let existing = service.slots.iter().position(
+        |slot| matches!(slot, Slot::Used(m) if m.config.address == backend.address),
+    );
+    let (slot, fresh) = match existing {
+        Some(i) => match &service.slots[i] {
+            Slot::Used(m) if m.removed => (i, false),
+            _ => bail!("service {name} already has backend {}", backend.address),
+        },
+        None => {
+            let reusable = service.slots.iter().enumerate().position(|(i, slot)| match slot {
+                Slot::Free => true,
+                Slot::Used(m) => m.removed && active[i] == 0,
+            });
+            match reusable {
+                Some(i) => (i, true),
+                None if service.slots.len() < MAX_BACKENDS as usize => {
+                    service.slots.push(Slot::Free);
+                    (service.slots.len() - 1, true)
+                }
+                None => bail!("service {name} already has {MAX_BACKENDS} backends"),
+            }
+        }
+    };
+    service.slots[slot] = Slot::Used(Box::new(Member::new(backend.clone())));
+    Ok((slot, fresh))
 }
 
 fn note_change(m: &mut Member, change: Change, service: &str) {

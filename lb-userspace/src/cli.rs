@@ -24,11 +24,19 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the load balancer in the foreground.
+    /// Run the load balancer in the foreground. When it stops, the data path
+    /// keeps forwarding, and the next agent takes it over.
     Agent {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the data path off when the agent stops.
+        #[arg(long)]
+        detach_on_exit: bool,
     },
+    /// Re-read the agent's config file and apply the difference (as SIGHUP).
+    Reload,
+    /// Take the data path off and stop the agent.
+    Shutdown,
     /// Services, backends, connection counts.
     Status {
         #[arg(long)]
@@ -106,12 +114,28 @@ enum BackendCommand {
 pub fn run(cli: Cli) -> Result<()> {
     let socket = &cli.socket;
     match cli.command {
-        Command::Agent { config } => {
-            let mut config = Config::load(&config)?;
+        Command::Agent { config: path, detach_on_exit } => {
+            let mut config = Config::load(&path)?;
             if cli.socket.as_os_str() != DEFAULT_SOCKET {
                 config.agent.socket = cli.socket.clone();
             }
-            crate::agent::run(config)
+            crate::agent::run(config, crate::agent::Options { config_path: path, detach_on_exit })
+        }
+        Command::Reload => {
+            let result = call(socket, &Request::Reload)?;
+            let changes = result["changes"].as_array().cloned().unwrap_or_default();
+            if changes.is_empty() {
+                println!("reloaded: nothing changed");
+            }
+            for change in changes {
+                println!("reloaded: {}", change.as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Shutdown => {
+            call(socket, &Request::Shutdown)?;
+            println!("the agent stopped and the data path is off");
+            Ok(())
         }
         Command::Status { json } => {
             let value = call(socket, &Request::Status)?;

@@ -29,6 +29,12 @@ pub struct AgentConfig {
     /// How often idle flows are looked for, in milliseconds.
     pub aging_interval_ms: u64,
     pub timeouts: TimeoutConfig,
+    /// Where maps and attachments are pinned (on a BPF filesystem), so the
+    /// data path outlives the agent and a new agent takes it over.
+    pub pin_dir: PathBuf,
+    /// Prometheus metrics on this address (`GET /metrics`); off when unset.
+    /// Loopback unless you give another address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -40,6 +46,8 @@ impl Default for AgentConfig {
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
             aging_interval_ms: 1000,
             timeouts: TimeoutConfig::default(),
+            pin_dir: PathBuf::from("/sys/fs/bpf/lb"),
+            metrics: None,
         }
     }
 }

@@ -27,6 +27,10 @@ pub enum Request {
     BackendRemove { service: String, address: SocketAddrV4 },
     BackendWeight { service: String, address: SocketAddrV4, weight: u32 },
     BackendAdmin { service: String, address: SocketAddrV4, admin: Admin },
+    /// Re-read the config file and apply the difference.
+    Reload,
+    /// Take the data path off and stop the agent.
+    Shutdown,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +73,7 @@ pub fn handle(balancer: &mut Balancer, request: Request) -> Response {
                 tracing::info!(%service, backend = %address, weight, "weight changed");
                 serde_json::Value::Null
             }
+            Request::Reload | Request::Shutdown => anyhow::bail!("only the agent's loop handles this request"),
             Request::BackendAdmin { service, address, admin } => {
                 balancer.set_admin(&service, address, admin)?;
                 tracing::info!(%service, backend = %address, ?admin, "backend admin state changed");

@@ -1,11 +1,18 @@
 //! The loaded XDP program and typed handles on its maps. Everything the agent
 //! and the tests do to the data path goes through here.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -50,15 +57,109 @@ pub struct Datapath {
     max_flows: u32,
 }
 
+/// Bump when a map's key or value layout changes: pinned maps of another
+/// layout are then left alone (an upgrade across it starts with an empty
+/// connection table) instead of being misread.
+const LAYOUT_VERSION: u32 = 1;
+const MAP_NAMES: [&str; 6] = ["SERVICES", "BACKENDS", "ACTIVE", "FLOWS", "COUNTERS", "BACKEND_STATS"];
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Where the data path's maps and links are pinned, so that it keeps
+/// forwarding while no agent runs and a new agent takes it over.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+        if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 || fs.f_type as i64 != BPF_FS_MAGIC {
+            bail!(
+                "{} is not on a BPF filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`) or set agent.pin_dir",
+                dir.display()
+            );
+        }
+        for sub in [Self { dir: dir.into() }.maps(), dir.join("links")] {
+            std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
+        }
+        Ok(Self { dir: dir.into() })
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.dir.join(format!("maps-v{LAYOUT_VERSION}"))
+    }
+
+    fn link(&self, interface: &str) -> PathBuf {
+        self.dir.join("links").join(interface)
+    }
+
+    /// Interfaces with a pinned attachment.
+    pub fn linked_interfaces(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("links"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes the program off `interface`.
+    pub fn detach(&self, interface: &str) -> Result<()> {
+        let link = PinnedLink::from_pin(self.link(interface))
+            .with_context(|| format!("opening the pinned link of {interface}"))?;
+        drop(link.unpin()?); // the last reference: the kernel detaches it
+        Ok(())
+    }
+
+    /// Removes the directories `new` made if nothing was pinned in them.
+    pub fn remove_if_empty(&self) -> Result<()> {
+        for sub in [self.maps(), self.dir.join("links"), self.dir.clone()] {
+            std::fs::remove_dir(&sub)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches everything and removes the pinned state: the data path and
+    /// its connection table are gone.
+    pub fn remove_all(&self) -> Result<()> {
+        for interface in self.linked_interfaces() {
+            if let Err(e) = self.detach(&interface) {
+                tracing::warn!("{e:#}");
+                let _ = std::fs::remove_file(self.link(&interface));
+            }
+        }
+        std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
+    }
+}
+
 impl Datapath {
     /// Loads the program with room for `max_flows` flows (two table entries
-    /// each). Nothing is attached yet.
+    /// each), with maps of its own. Nothing is attached yet.
     pub fn load(max_flows: u32) -> Result<Self> {
+        Ok(Self::open(max_flows, None)?.0)
+    }
+
+    /// The same with the maps pinned under `pins`, reusing pinned maps that
+    /// exist: the connection table, counts and services of the agent before.
+    /// Says whether it reused them.
+    pub fn load_pinned(max_flows: u32, pins: &Pins) -> Result<(Self, bool)> {
+        Self::open(max_flows, Some(pins))
+    }
+
+    fn open(max_flows: u32, pins: Option<&Pins>) -> Result<(Self, bool)> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("FLOWS", max_flows.checked_mul(2).context("max_flows too large")?)
-            .load(OBJECT)
-            .context("loading the XDP program into the kernel (are you root?)")?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("FLOWS", max_flows.checked_mul(2).context("max_flows too large")?);
+        let mut reused = false;
+        let paths: Vec<(&str, PathBuf)> = match pins {
+            Some(p) => MAP_NAMES.iter().map(|name| (*name, p.maps().join(name))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            reused |= path.exists();
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the XDP program into the kernel (are you root?)")?;
         for name in ["lb_xdp", "lb_expire", "lb_pass"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -69,16 +170,61 @@ impl Datapath {
         let mut take = |name: &str| {
             ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
         };
-        Ok(Self {
+        let flows = take("FLOWS")?;
+        // A reused table keeps the size it was created with.
+        let max_flows = match &flows {
+            aya::maps::Map::HashMap(data) => data.info()?.max_entries() / 2,
+            _ => max_flows,
+        };
+        let datapath = Self {
             services: take("SERVICES")?.try_into()?,
             backends: take("BACKENDS")?.try_into()?,
             active: take("ACTIVE")?.try_into()?,
-            flows: take("FLOWS")?.try_into()?,
+            flows: flows.try_into()?,
             counters: take("COUNTERS")?.try_into()?,
             backend_stats: take("BACKEND_STATS")?.try_into()?,
             max_flows,
             ebpf,
-        })
+        };
+        Ok((datapath, reused))
+    }
+
+    /// Attaches to `interface` through a link pinned under `pins`. Where one
+    /// is pinned already (a previous agent's), this program replaces the one
+    /// in it atomically: not a packet goes unhandled. Says whether it took
+    /// one over.
+    pub fn attach_pinned(&mut self, interface: &str, mode: XdpMode, pins: &Pins) -> Result<bool> {
+        let path = pins.link(interface);
+        let prog: &mut Xdp = self.ebpf.program_mut("lb_xdp").context("program missing")?.try_into()?;
+        if path.exists() {
+            let taken = PinnedLink::from_pin(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(XdpLink::try_from(FdLink::from(link))?))
+                .and_then(|link| Ok(prog.attach_to_link(link)?));
+            match taken {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    // The interface went away and came back: a new link.
+                    tracing::warn!(interface, "the pinned attachment is stale ({e:#}); attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let id = prog.attach(interface, mode)?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .context("this kernel attaches XDP without BPF links; they are needed to outlive the agent")?;
+        link.pin(&path).with_context(|| format!("pinning the attachment at {}", path.display()))?;
+        Ok(false)
+    }
+
+    /// The services and backend sets in the maps, as a previous agent left
+    /// them.
+    pub fn pinned_services(&self) -> Vec<(ServiceKey, Service, BackendSet)> {
+        self.services
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter_map(|(key, service)| Some((key, service, self.backends.get(&service.id, 0).ok()?)))
+            .collect()
     }
 
     pub fn max_flows(&self) -> u32 {

@@ -100,9 +100,10 @@ impl Lab {
     /// it may open tables such as `[service.health]`).
     pub fn config_full(&self, backends: &[&str], agent_extra: &str, service_extra: &str) -> String {
         let mut c = format!(
-            "[agent]\ninterfaces = [\"cli\", \"srv\"]\nsocket = \"{}\"\n{agent_extra}\n\n\
+            "[agent]\ninterfaces = [\"cli\", \"srv\"]\nsocket = \"{}\"\npin_dir = \"{}\"\n{agent_extra}\n\n\
              [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nscheduler = \"least_conn\"\nmode = \"nat\"\n{service_extra}\n",
-            self.socket().display()
+            self.socket().display(),
+            self.pin_dir().display()
         );
         for (i, extra) in backends.iter().enumerate() {
             c.push_str(&format!("\n[[service.backend]]\naddress = \"{}\"\n{extra}\n", backend_addr(i)));
@@ -129,15 +130,22 @@ impl Lab {
         self.dir.join("lb.sock")
     }
 
+    /// This lab's pinned data path, on the host's BPF filesystem.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.lb.name)
+    }
+
     /// Starts `lb agent` inside the balancer's namespace and waits until it
     /// answers on its socket.
     pub fn start_agent(&self, config: &str) -> Agent {
         let path = self.dir.join("lb.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
-        let child = self
-            .lb
-            .command(lb_binary().to_str().unwrap())
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).unwrap();
+        // nsenter, not `ip netns exec`: that one remounts /sys, hiding the
+        // host's BPF filesystem where the agent pins its state.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.lb.name))
+            .arg(lb_binary())
             .args(["agent", "--config"])
             .arg(&path)
             .env("LB_LOG", "info")
@@ -160,6 +168,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.pin_dir());
     }
 }
 
@@ -235,6 +244,16 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Kills the agent as a crash would (SIGKILL).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Stops the agent as a user would (SIGTERM) and returns its exit status.

@@ -136,15 +136,19 @@ fn a_bad_config_file_is_refused_with_a_reason() {
     let cases = [
         ("[[service]]\nname = \"web\"\nvip = \"198.18.0.100\"\n", "socket address"),
         ("[[service]]\nname = \"web\"\nvip = \"198.18.0.100:80\"\nscheduler = \"random\"\n", "least_conn"),
-        ("[agent]\ninterfaces = [\"nonexistent0\"]\nsocket = \"SOCK\"\n", "nonexistent0"),
+        ("[agent]\ninterfaces = [\"nonexistent0\"]\nsocket = \"SOCK\"\npin_dir = \"PINS\"\n", "nonexistent0"),
+        ("[agent]\npin_dir = \"/tmp\"\nsocket = \"SOCK\"\n", "is not on a BPF filesystem"),
     ];
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-config-{}", std::process::id()));
     for (text, expected) in cases {
         let path = dir.join("lb.toml");
-        std::fs::write(&path, text.replace("SOCK", &dir.join("s.sock").display().to_string())).unwrap();
+        let text = text.replace("SOCK", &dir.join("s.sock").display().to_string());
+        std::fs::write(&path, text.replace("PINS", &pins.display().to_string())).unwrap();
         let out = std::process::Command::new(lb_binary()).args(["agent", "--config"]).arg(&path).output().unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expected), "expected {expected:?} in {err}");
     }
+    assert!(!pins.exists(), "an agent that failed to start leaves no pinned state");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,69 @@
+//! End to end: the data path outlives its agent. A crashed or stopped agent
+//! leaves flows forwarding; the next one takes over the pinned program, maps
+//! and counts; `lb shutdown` really takes it off.
+use std::time::Duration;
+
+use lb_tests::{
+    lab::{Lab, VIP},
+    serial,
+    servers::{connect, load, request},
+};
+
+#[test]
+fn kill_9_and_restart_under_load_loses_no_connection() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let config = lab.config(&[1, 1, 1], "");
+    let agent = lab.start_agent(&config);
+    let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+
+    let (outcomes, agent) = std::thread::scope(|s| {
+        let run = s.spawn(|| load(&lab.client, VIP, 4, Duration::from_secs(4), Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_secs(1));
+        agent.kill();
+        // No agent at all for a moment: the kernel keeps forwarding.
+        std::thread::sleep(Duration::from_millis(700));
+        let agent = lab.start_agent(&config);
+        (run.join().unwrap(), agent)
+    });
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), outcomes.len());
+    assert!(agent.log().contains("took over the running data path"), "{}", agent.log());
+
+    for h in &held {
+        assert_eq!(h.round_trip(b"still here").unwrap(), b"still here", "held on {}", h.backend);
+    }
+    // The counts carried over: exactly the held connections are active.
+    agent.wait_for("the held connections' counts", Duration::from_secs(5), |s| {
+        s["services"][0]["active_connections"] == 6
+    });
+    for h in &held {
+        h.close().unwrap();
+    }
+    agent.wait_for("every count at 0", Duration::from_secs(5), |s| s["services"][0]["active_connections"] == 0);
+}
+
+#[test]
+fn without_an_agent_flows_keep_going_until_lb_shutdown() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    let _servers = lab.start_servers();
+    let config = lab.config(&[1, 1], "");
+    let agent = lab.start_agent(&config);
+    let held = connect(&lab.client, VIP).unwrap();
+    assert!(agent.stop().success());
+    assert!(lab.pin_dir().join("links/cli").exists(), "the attachment is pinned");
+
+    // Stopped agent: new and established connections still work.
+    assert!(request(&lab.client, VIP).is_ok());
+    assert_eq!(held.round_trip(b"no agent").unwrap(), b"no agent");
+
+    let agent = lab.start_agent(&config);
+    assert_eq!(held.round_trip(b"new agent").unwrap(), b"new agent");
+    assert_eq!(agent.status()["services"][0]["active_connections"], 1);
+    assert!(agent.cli(&["shutdown"]).unwrap().contains("off"));
+    assert!(!lab.pin_dir().exists(), "nothing left pinned");
+    let gone = lb_tests::servers::connect(&lab.client, VIP);
+    assert!(gone.is_err(), "the balancer is off: the VIP is not served");
+}
