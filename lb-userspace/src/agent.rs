@@ -16,7 +16,7 @@ use tokio::{
 
 use std::{collections::HashMap, path::PathBuf};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     aging,
@@ -42,8 +42,10 @@ pub fn run(config: Config, options: Options) -> Result<()> {
 
 /// What a control connection asks of the agent's loop.
 enum LoopRequest {
-    Reload(tokio::sync::oneshot::Sender<Response>),
-    Shutdown(tokio::sync::oneshot::Sender<Response>),
+    Reload(oneshot::Sender<Response>),
+    /// The receiver hears when the answer has been written, so the agent
+    /// does not exit before its caller knows.
+    Shutdown(oneshot::Sender<Response>, oneshot::Receiver<()>),
 }
 
 async fn serve(config: Config, options: Options) -> Result<()> {
@@ -113,7 +115,7 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let (loop_tx, mut loop_rx) = mpsc::channel::<LoopRequest>(4);
-    let mut detach = options.detach_on_exit;
+    let detach = options.detach_on_exit;
     let mut aging_tick = tokio::time::interval(Duration::from_millis(config.agent.aging_interval_ms));
     let mut control_tick = tokio::time::interval(CONTROL_TICK);
     let timeouts = config.agent.timeouts.to_wire();
@@ -133,10 +135,17 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
                 LoopRequest::Reload(reply) => {
                     let _ = reply.send(reload(&balancer, &options.config_path));
                 }
-                LoopRequest::Shutdown(reply) => {
-                    detach = true;
-                    let _ = reply.send(Response { ok: true, error: None, result: serde_json::Value::Null });
-                    break;
+                LoopRequest::Shutdown(reply, written) => {
+                    checkers.reconcile(Vec::new(), &check_results);
+                    tracing::info!("shutdown requested: detaching the XDP program and removing its pinned state");
+                    let response = match pins.remove_all() {
+                        Ok(()) => Response { ok: true, error: None, result: serde_json::Value::Null },
+                        Err(e) => Response { ok: false, error: Some(format!("{e:#}")), result: serde_json::Value::Null },
+                    };
+                    let _ = reply.send(response);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
+                    let _ = std::fs::remove_file(&config.agent.socket);
+                    return Ok(());
                 }
             },
             Some((service, address, result)) = checked.recv() => {
@@ -300,14 +309,21 @@ async fn answer(stream: UnixStream, balancer: Arc<Mutex<Balancer>>, loop_tx: mps
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request @ (Request::Reload | Request::Shutdown)) => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let request = match request {
-                Request::Reload => LoopRequest::Reload(reply),
-                _ => LoopRequest::Shutdown(reply),
-            };
-            loop_tx.send(request).await?;
+        Ok(Request::Reload) => {
+            let (reply, answer) = oneshot::channel();
+            loop_tx.send(LoopRequest::Reload(reply)).await?;
             answer.await?
+        }
+        Ok(Request::Shutdown) => {
+            let (reply, answer) = oneshot::channel();
+            let (written_tx, written) = oneshot::channel();
+            loop_tx.send(LoopRequest::Shutdown(reply, written)).await?;
+            let response = answer.await?;
+            let mut out = serde_json::to_string(&response)?;
+            out.push('\n');
+            write.write_all(out.as_bytes()).await?;
+            let _ = written_tx.send(());
+            return Ok(());
         }
         Ok(request) => control::handle(&mut balancer.lock().unwrap(), request),
         Err(e) => Response { ok: false, error: Some(format!("malformed request: {e}")), result: serde_json::Value::Null },
