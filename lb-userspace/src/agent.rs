@@ -119,6 +119,7 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
     let mut aging_tick = tokio::time::interval(Duration::from_millis(config.agent.aging_interval_ms));
     let mut control_tick = tokio::time::interval(CONTROL_TICK);
     let timeouts = config.agent.timeouts.to_wire();
+    let mut pressure_warned = None;
     let (check_results, mut checked) = mpsc::channel::<(String, std::net::SocketAddrV4, CheckResult)>(1024);
     let mut checkers = Checkers::default();
     loop {
@@ -162,11 +163,28 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
             }
             _ = aging_tick.tick() => {
                 let mut b = balancer.lock().unwrap();
-                match aging::age(&mut b.datapath, &timeouts) {
-                    Ok(r) if r.expired > 0 || r.orphans_removed > 0 => {
-                        tracing::debug!(expired = r.expired, orphans = r.orphans_removed, "aged flows")
+                let occupancy = b.datapath.flow_count() as f64 / b.datapath.max_flows() as f64;
+                let mut t = timeouts;
+                if occupancy > PRESSURE {
+                    // Half-open flows (a SYN flood, say) go first, so that
+                    // established ones never have to make room.
+                    t.syn = t.syn.min(PRESSURE_SYN_TIMEOUT_NS);
+                    if pressure_warned.is_none_or(|at: std::time::Instant| at.elapsed() > Duration::from_secs(60)) {
+                        tracing::warn!(
+                            occupancy = format!("{:.0}%", occupancy * 100.0),
+                            "connection table under pressure: half-open flows now expire after 2 s; \
+                             new flows are dropped (and counted as table_full) when it is full"
+                        );
+                        pressure_warned = Some(std::time::Instant::now());
                     }
-                    Ok(_) => {}
+                }
+                match aging::age(&mut b.datapath, &t) {
+                    Ok(r) => {
+                        b.expired_total += r.expired as u64;
+                        if r.expired > 0 || r.orphans_removed > 0 {
+                            tracing::debug!(expired = r.expired, orphans = r.orphans_removed, "aged flows");
+                        }
+                    }
                     Err(e) => tracing::warn!("aging the connection table failed: {e:#}"),
                 }
                 if let Err(e) = b.reclaim() {
@@ -217,6 +235,11 @@ fn reload(balancer: &Mutex<Balancer>, path: &std::path::Path) -> Response {
         Err(e) => Response { ok: false, error: Some(format!("{e:#}; the running config is unchanged")), result: serde_json::Value::Null },
     }
 }
+
+/// Above this share of the connection table in use, half-open flows are
+/// aged after `PRESSURE_SYN_TIMEOUT_NS`.
+const PRESSURE: f64 = 0.9;
+const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
 
 /// How often passive health, slow starts and drains are looked at.
 const CONTROL_TICK: Duration = Duration::from_millis(100);

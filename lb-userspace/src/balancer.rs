@@ -154,6 +154,8 @@ pub struct Balancer {
     pub datapath: Datapath,
     services: Vec<ServiceState>,
     retired: Vec<RetiredService>,
+    /// Idle flows the agent has removed, for the metrics.
+    pub expired_total: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -223,7 +225,7 @@ pub struct FlowStatus {
 
 impl Balancer {
     pub fn new(datapath: Datapath) -> Self {
-        Self { datapath, services: Vec::new(), retired: Vec::new() }
+        Self { datapath, services: Vec::new(), retired: Vec::new(), expired_total: 0 }
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut ServiceState> {

@@ -304,6 +304,11 @@ impl Datapath {
         self.flows.iter().filter_map(|entry| entry.ok()).collect()
     }
 
+    /// Forward entries in the table: the number of flows.
+    pub fn flow_count(&self) -> usize {
+        self.flows.iter().filter_map(|e| e.ok()).filter(|(_, f)| f.direction == lb_common::DIR_FORWARD).count()
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
         self.flows.get(key, 0).ok()
     }

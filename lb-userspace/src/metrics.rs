@@ -1,1 +1,146 @@
-pub async fn serve(_: std::net::SocketAddr, _: std::sync::Arc<std::sync::Mutex<crate::balancer::Balancer>>) -> anyhow::Result<()> { Ok(()) }
+//! Prometheus metrics: `GET /metrics` on the configured address, in the
+//! OpenMetrics text format, read from the data path's counters at each
+//! scrape (they are the kernel's; nothing is kept here).
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::balancer::{Balancer, Status};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Starts serving; returns once the address is bound.
+pub async fn serve(address: SocketAddr, balancer: Arc<Mutex<Balancer>>) -> Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the metrics address {address}"))?;
+    tracing::info!(%address, "serving Prometheus metrics at /metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let balancer = balancer.clone();
+            tokio::spawn(async move {
+                // The request line, and the headers read to their end so the
+                // client is not cut off mid-request (8 KiB at most).
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let first = String::from_utf8_lossy(&request);
+                let path = first.split_whitespace().nth(1).unwrap_or("");
+                let response = if path == "/metrics" {
+                    let body = {
+                        let b = balancer.lock().unwrap();
+                        b.status().map(|s| render(&s, b.expired_total))
+                    };
+                    match body {
+                        Ok(body) => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        Err(e) => format!("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{e:#}\n"),
+                    }
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmetrics are at /metrics".into()
+                };
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// The metrics for one scrape.
+pub fn render(status: &Status, expired_total: u64) -> String {
+    let mut r = Registry::default();
+    let active = gauge_family(&mut r, "lb_backend_active_connections", "Connections the backend holds now");
+    let connections = counter_family(&mut r, "lb_backend_connections", "Connections assigned to the backend");
+    let packets = counter_family(&mut r, "lb_backend_packets", "Packets forwarded, by direction");
+    let bytes = counter_family(&mut r, "lb_backend_bytes", "Bytes forwarded (Ethernet frames), by direction");
+    let up = gauge_family(&mut r, "lb_backend_up", "1 if the backend may take new connections");
+    let state = gauge_family(&mut r, "lb_backend_state", "1 for the backend's current state");
+    let failures = counter_family(&mut r, "lb_backend_passive_failures", "Handshakes refused or left unanswered");
+    let latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    r.register("lb_backend_check_latency_seconds", "Duration of the last active health check", latency.clone());
+    let check_ok = gauge_family(&mut r, "lb_backend_check_success", "1 if the last active health check passed");
+
+    for s in &status.services {
+        for b in &s.backends {
+            let labels = || vec![("service", s.name.clone()), ("backend", b.address.clone())];
+            let with = |k: &'static str, v: &str| {
+                let mut l = labels();
+                l.push((k, v.to_string()));
+                l
+            };
+            active.get_or_create(&labels()).set(b.active_connections as i64);
+            connections.get_or_create(&labels()).inc_by(b.total_connections);
+            packets.get_or_create(&with("direction", "to_backend")).inc_by(b.packets_in);
+            packets.get_or_create(&with("direction", "to_client")).inc_by(b.packets_out);
+            bytes.get_or_create(&with("direction", "to_backend")).inc_by(b.bytes_in);
+            bytes.get_or_create(&with("direction", "to_client")).inc_by(b.bytes_out);
+            up.get_or_create(&labels()).set(b.eligible as i64);
+            state.get_or_create(&with("state", &b.state)).set(1);
+            failures.get_or_create(&with("kind", "refused")).inc_by(b.refused);
+            failures.get_or_create(&with("kind", "unanswered")).inc_by(b.unanswered);
+            if let Some(check) = &b.last_check {
+                latency.get_or_create(&labels()).set(check.latency_ms / 1e3);
+                check_ok.get_or_create(&labels()).set(check.ok as i64);
+            }
+        }
+    }
+
+    let table = gauge_family(&mut r, "lb_flow_table_flows", "Flows in the connection table");
+    table.get_or_create(&vec![]).set(status.flow_table.flows as i64);
+    let capacity = gauge_family(&mut r, "lb_flow_table_capacity", "Flows the connection table can hold");
+    capacity.get_or_create(&vec![]).set(status.flow_table.capacity as i64);
+    let expired = counter_family(&mut r, "lb_flows_expired", "Idle flows removed by the agent");
+    expired.get_or_create(&vec![]).inc_by(expired_total);
+
+    let c = |name: &str| status.counters.get(name).copied().unwrap_or(0);
+    let runs = counter_family(&mut r, "lb_packets", "Packets the XDP program ran on");
+    runs.get_or_create(&vec![]).inc_by(c("packets"));
+    let verdicts = counter_family(&mut r, "lb_verdicts", "XDP verdicts");
+    for v in ["pass", "drop", "redirect", "tx"] {
+        verdicts.get_or_create(&vec![("verdict", v.to_string())]).inc_by(c(&format!("verdict_{v}")));
+    }
+    let drops = counter_family(&mut r, "lb_drops", "Packets dropped, by reason");
+    for reason in ["malformed_ip", "malformed_tcp", "no_backend", "table_full", "refusal_swallowed"] {
+        drops.get_or_create(&vec![("reason", reason.to_string())]).inc_by(c(reason));
+    }
+    let events = counter_family(&mut r, "lb_events", "Other data-path events");
+    for event in ["new_flows", "closed_flows", "syn_retried", "reset_sent", "no_neighbour", "fib_failed", "fragment"] {
+        events.get_or_create(&vec![("event", event.to_string())]).inc_by(c(event));
+    }
+
+    let mut out = String::new();
+    encode(&mut out, &r).expect("writing to a String");
+    out
+}

@@ -106,6 +106,11 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    // The metrics test parses with the Prometheus project's own parser.
+    if !succeeds(Command::new("python3").args(["-c", "import prometheus_client"])) {
+        eprintln!("setup: installing the prometheus-client Python package");
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "prometheus-client"]))?;
+    }
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         bail!("the nightly Rust toolchain is missing: `rustup toolchain install nightly`");
     }
