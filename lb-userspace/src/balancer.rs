@@ -27,6 +27,9 @@ use crate::{
     health::{Change, CheckResult, Health, HealthConfig},
 };
 
+/// How often connection and byte rates are sampled.
+const RATE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the operator asked of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +53,10 @@ struct Member {
     ramp_from: Option<Instant>,
     since: SystemTime,
     reason: String,
+    /// Totals at the last rate sample, and the rates since.
+    sampled: Option<(Instant, u64, u64)>,
+    connections_per_second: f64,
+    bytes_per_second: f64,
 }
 
 impl Member {
@@ -64,6 +71,9 @@ impl Member {
             ramp_from,
             since: SystemTime::now(),
             reason: "added".into(),
+            sampled: None,
+            connections_per_second: 0.0,
+            bytes_per_second: 0.0,
         }
     }
 
@@ -196,6 +206,9 @@ pub struct BackendStatus {
     pub slow_start_progress: Option<f64>,
     pub active_connections: u64,
     pub total_connections: u64,
+    /// New connections and bytes (both ways) per second, over the last second.
+    pub connections_per_second: f64,
+    pub bytes_per_second: f64,
     pub packets_in: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -508,6 +521,17 @@ impl Balancer {
             for (i, slot) in s.slots.iter_mut().enumerate() {
                 let Slot::Used(m) = slot else { continue };
                 let stats = self.datapath.backend_stats(s.id, i as u32)?;
+                let bytes = stats.fwd_bytes + stats.reply_bytes;
+                match m.sampled {
+                    Some((at, connections, sampled_bytes)) if now.duration_since(at) >= RATE_INTERVAL => {
+                        let dt = now.duration_since(at).as_secs_f64();
+                        m.connections_per_second = stats.new_flows.saturating_sub(connections) as f64 / dt;
+                        m.bytes_per_second = bytes.saturating_sub(sampled_bytes) as f64 / dt;
+                        m.sampled = Some((now, stats.new_flows, bytes));
+                    }
+                    Some(_) => {}
+                    None => m.sampled = Some((now, stats.new_flows, bytes)),
+                }
                 let window = Duration::from_secs_f64(m.config.fail_timeout);
                 let total = stats.refused + stats.unanswered;
                 if let Some(change) = m.health.record_passive(total, now, m.config.max_fails, window) {
@@ -611,6 +635,8 @@ impl Balancer {
                     slow_start_progress: m.ramp(now),
                     active_connections: counts.active[i],
                     total_connections: stats.new_flows,
+                    connections_per_second: m.connections_per_second,
+                    bytes_per_second: m.bytes_per_second,
                     packets_in: stats.fwd_packets,
                     bytes_in: stats.fwd_bytes,
                     packets_out: stats.reply_packets,

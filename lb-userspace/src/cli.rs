@@ -48,10 +48,38 @@ enum Command {
     /// Add, remove or reweight backends.
     #[command(subcommand)]
     Backend(BackendCommand),
-    /// The tracked flows.
+    /// The status table, refreshed live.
+    Watch {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// How new connections spread over the backends during an interval.
+    Stats {
+        /// Seconds to watch.
+        #[arg(long, default_value_t = 5.0)]
+        interval: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tracked flows, and the table's occupancy.
     Conntrack {
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        service: Option<String>,
+        /// Backend address, as in 198.19.0.11:80.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Client address, or address:port.
+        #[arg(long)]
+        client: Option<String>,
+        /// syn_sent, established, closing or closed.
+        #[arg(long)]
+        state: Option<String>,
     },
 }
 
@@ -146,12 +174,58 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Conntrack { json } => {
-            let value = call(socket, &Request::Conntrack)?;
+        Command::Conntrack { json, service, backend, client, state } => {
+            let flows: Vec<FlowStatus> = serde_json::from_value(call(socket, &Request::Conntrack)?)?;
+            let status: Status = serde_json::from_value(call(socket, &Request::Status)?)?;
+            let client_matches = |f: &FlowStatus, c: &str| {
+                if c.contains(':') { f.client == c } else { f.client.split(':').next() == Some(c) }
+            };
+            let flows: Vec<FlowStatus> = flows
+                .into_iter()
+                .filter(|f| service.as_ref().is_none_or(|s| &f.service == s))
+                .filter(|f| backend.as_ref().is_none_or(|b| &f.backend == b))
+                .filter(|f| client.as_ref().is_none_or(|c| client_matches(f, c)))
+                .filter(|f| state.as_ref().is_none_or(|s| &f.state == s))
+                .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                let out = serde_json::json!({ "flows": flows, "table": status.flow_table });
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                print!("{}", render_flows(&serde_json::from_value::<Vec<FlowStatus>>(value)?));
+                print!("{}", render_flows(&flows));
+                let t = &status.flow_table;
+                println!(
+                    "table: {} of {} flows ({:.1}%)",
+                    t.flows,
+                    t.capacity,
+                    100.0 * t.flows as f64 / t.capacity.max(1) as f64
+                );
+            }
+            Ok(())
+        }
+        Command::Watch { interval, count } => {
+            let mut shown = 0u64;
+            loop {
+                let status: Status = serde_json::from_value(call(socket, &Request::Status)?)?;
+                // Clear the screen and go home, like `watch`.
+                print!("\x1b[2J\x1b[H");
+                println!("lb watch — every {interval}s — {}\n", humantime_now());
+                print!("{}", render_status(&status));
+                shown += 1;
+                if count.is_some_and(|c| shown >= c) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_secs_f64(interval));
+            }
+        }
+        Command::Stats { interval, json } => {
+            let before: Status = serde_json::from_value(call(socket, &Request::Status)?)?;
+            std::thread::sleep(Duration::from_secs_f64(interval));
+            let after: Status = serde_json::from_value(call(socket, &Request::Status)?)?;
+            let spread = spread(&before, &after);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&spread)?);
+            } else {
+                print!("{}", render_spread(&spread, interval));
             }
             Ok(())
         }
@@ -227,6 +301,64 @@ fn backend_active(socket: &std::path::Path, service: &str, address: SocketAddrV4
         .with_context(|| format!("service {service} has no backend {address} any more"))
 }
 
+fn humantime_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+}
+
+/// New connections per backend between two status snapshots.
+#[derive(Debug, serde::Serialize)]
+pub struct Spread {
+    pub service: String,
+    pub backend: String,
+    pub new_connections: u64,
+    pub share: f64,
+}
+
+pub fn spread(before: &Status, after: &Status) -> Vec<Spread> {
+    let mut rows = Vec::new();
+    for s in &after.services {
+        let earlier = before.services.iter().find(|b| b.name == s.name);
+        let new: Vec<(String, u64)> = s
+            .backends
+            .iter()
+            .map(|b| {
+                let was = earlier
+                    .and_then(|e| e.backends.iter().find(|x| x.address == b.address))
+                    .map_or(0, |x| x.total_connections);
+                (b.address.clone(), b.total_connections.saturating_sub(was))
+            })
+            .collect();
+        let total: u64 = new.iter().map(|(_, n)| n).sum();
+        for (backend, n) in new {
+            rows.push(Spread {
+                service: s.name.clone(),
+                backend,
+                new_connections: n,
+                share: if total == 0 { 0.0 } else { n as f64 / total as f64 },
+            });
+        }
+    }
+    rows
+}
+
+pub fn render_spread(rows: &[Spread], interval: f64) -> String {
+    use std::fmt::Write;
+    let mut out = format!("new connections over {interval}s\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<22} {:>8} {:>6.1}%  {}",
+            r.service,
+            r.backend,
+            r.new_connections,
+            r.share * 100.0,
+            "#".repeat((r.share * 40.0).round() as usize)
+        );
+    }
+    out
+}
+
 pub fn render_status(status: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -241,8 +373,8 @@ pub fn render_status(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>12} {:>12}  {}",
-            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES IN", "BYTES OUT", "WHY"
+            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7} {:>10}  {}",
+            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "CONN/s", "BYTES/s", "WHY"
         );
         for b in &s.backends {
             let mut state = b.state.clone();
@@ -254,14 +386,14 @@ pub fn render_status(status: &Status) -> String {
                 .map_or(0.0, |d| d.as_secs_f64() - b.since);
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>12} {:>12}  {} ({:.0}s ago)",
+                "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7.1} {:>10.0}  {} ({:.0}s ago)",
                 b.address,
                 b.weight,
                 state,
                 b.active_connections,
                 b.total_connections,
-                b.bytes_in,
-                b.bytes_out,
+                b.connections_per_second,
+                b.bytes_per_second,
                 b.reason,
                 ago
             );

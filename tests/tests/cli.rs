@@ -152,3 +152,56 @@ fn a_bad_config_file_is_refused_with_a_reason() {
     assert!(!pins.exists(), "an agent that failed to start leaves no pinned state");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stats_watch_and_conntrack_filters_show_what_happened() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+
+    // lb stats: the spread of the connections made while it watched.
+    let spread: serde_json::Value = std::thread::scope(|s| {
+        let stats = s.spawn(|| agent.cli(&["stats", "--interval", "1.5", "--json"]).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..30 {
+            request(&lab.client, VIP).unwrap();
+        }
+        serde_json::from_str(&stats.join().unwrap()).unwrap()
+    });
+    let rows = spread.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.iter().map(|r| r["new_connections"].as_u64().unwrap()).sum::<u64>(), 30);
+    assert!(rows.iter().all(|r| r["new_connections"].as_u64().unwrap() > 0), "{spread:#}");
+
+    // lb conntrack with filters.
+    let held: Vec<_> = (0..3).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let b1 = backend_addr(0).to_string();
+    let out: serde_json::Value = serde_json::from_str(
+        &agent.cli(&["conntrack", "--json", "--backend", &b1, "--state", "established"]).unwrap(),
+    )
+    .unwrap();
+    let flows = out["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 1, "one held connection per backend: {out:#}");
+    assert_eq!(flows[0]["backend"], b1.as_str());
+    assert_eq!(out["table"]["capacity"], 262_144);
+    let table = agent.cli(&["conntrack", "--client", "198.18.0.2", "--state", "established"]).unwrap();
+    assert!(table.contains("3 flows") && table.contains("of 262144 flows"), "{table}");
+
+    // lb watch: bounded with --count.
+    let watch = agent.cli(&["watch", "--interval", "0.2", "--count", "2"]).unwrap();
+    assert_eq!(watch.matches("BACKEND").count(), 2);
+    for h in &held {
+        h.close().unwrap();
+    }
+
+    // New commands refuse bad input too.
+    for (args, expected) in [
+        (&["backend", "drain", "nope", "198.19.0.11:80"][..], "no service named"),
+        (&["backend", "enable", "web", "198.19.0.99:80"][..], "has no backend"),
+        (&["conntrack", "--bogus"][..], "unexpected argument"),
+    ] {
+        let err = agent.cli(args).unwrap_err();
+        assert!(err.contains(expected), "lb {args:?}: {err}");
+    }
+}
