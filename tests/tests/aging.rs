@@ -28,7 +28,7 @@ fn idle_flows_are_aged_out_and_their_counts_released() {
     }
     let flows: serde_json::Value =
         serde_json::from_str(&agent.cli(&["conntrack", "--json"]).unwrap()).unwrap();
-    let flows = flows.as_array().unwrap();
+    let flows = flows["flows"].as_array().unwrap();
     assert_eq!(flows.len(), 1, "only the busy flow is left: {flows:#?}");
     assert_eq!(flows[0]["state"], "established");
     let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();

@@ -146,7 +146,7 @@ fn test(args: &[String]) -> Result<()> {
     // Test binaries run one after another, and the tests in each take a
     // shared lock: they share the kernel's XDP and namespace state.
     let mut child = cargo()
-        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--lib", "--bins", "--tests", "--"])
+        .args(["test", "--release", "--no-fail-fast", "--workspace", "--exclude", "xtask", "--lib", "--bins", "--tests", "--"])
         .args(args)
         .stdout(Stdio::piped())
         .spawn()
