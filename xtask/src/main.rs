@@ -34,15 +34,26 @@ enum Task {
         #[arg(default_value = "balance")]
         which: String,
     },
-    /// Benchmarks: `micro` (the program's cost per packet).
+    /// Benchmarks: `micro` (the program's cost per packet), `e2e` (five
+    /// ways of balancing the same lab), or `all` (both, written to
+    /// BENCHMARKS.md and docs/e2e.svg).
     Bench {
-        #[arg(default_value = "micro")]
+        #[arg(default_value = "all")]
         which: String,
     },
 }
 
 /// Debian packages the lab and tests use.
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping")];
+/// What the end-to-end benchmark compares against, and its load generator
+/// (checked by a file each installs).
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/sbin/nginx", "nginx-light"),
+    ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
+    ("/usr/sbin/haproxy", "haproxy"),
+    ("/usr/bin/wrk", "wrk"),
+    ("/usr/sbin/nft", "nftables"),
+];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 fn main() -> Result<()> {
@@ -64,6 +75,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { which } => {
             setup()?;
+            if which != "micro" {
+                install_missing(BENCH_PACKAGES)?;
+            }
             build()?;
             run(&mut Command::new("target/release/lb-bench").arg(which))
         }
@@ -93,19 +107,7 @@ fn setup() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: loading XDP programs and creating network namespaces need it");
     }
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(bin, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")])))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("setup: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    install_missing(PACKAGES)?;
     // The metrics test parses with the Prometheus project's own parser.
     if !succeeds(Command::new("python3").args(["-c", "import prometheus_client"])) {
         eprintln!("setup: installing the prometheus-client Python package");
@@ -128,6 +130,30 @@ fn setup() -> Result<()> {
     }
     if !output(&mut Command::new("mount")).lines().any(|l| l.contains("type bpf")) {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages whose command (or file) is missing.
+fn install_missing(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(bin, _)| {
+            if bin.starts_with('/') {
+                !std::path::Path::new(bin).exists()
+            } else {
+                !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")]))
+            }
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
 }

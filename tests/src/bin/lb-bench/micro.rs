@@ -1,4 +1,4 @@
-//! `cargo xtask bench micro`: the XDP program's cost per packet, measured by
+//! The XDP program's cost per packet (`cargo xtask bench micro`), measured by
 //! the kernel through BPF_PROG_TEST_RUN, next to a program that only passes
 //! the packet (the floor).
 //!
@@ -56,7 +56,8 @@ fn new_flows(b: &Balancer) -> u64 {
     b.datapath.counters().unwrap()[Counter::NewFlows as usize]
 }
 
-fn micro() {
+/// Runs the cases and returns the report as a Markdown table.
+pub fn run() -> String {
     let ns = routed_host(256);
     let rows = ns.run(|| {
         let mut rows = Vec::new();
@@ -103,20 +104,11 @@ fn micro() {
     });
 
     let floor = rows[0].median;
-    println!("\nXDP program cost per packet (BPF_PROG_TEST_RUN, one run per call, {CALLS} calls per case)\n");
-    println!("| case | median ns | p10–p90 ns | over the floor |");
-    println!("|---|---:|---:|---:|");
+    let mut out = format!("BPF_PROG_TEST_RUN, one run per call, {CALLS} calls per case.\n\n");
+    out.push_str("| case | median ns | p10–p90 ns | over the floor |\n|---|---:|---:|---:|\n");
     for r in &rows {
-        println!("| {} | {:.0} | {:.0}–{:.0} | {:+.0} |", r.case, r.median, r.p10, r.p90, r.median - floor);
+        out.push_str(&format!("| {} | {:.0} | {:.0}–{:.0} | {:+.0} |\n", r.case, r.median, r.p10, r.p90, r.median - floor));
     }
+    out
 }
 
-fn main() {
-    match std::env::args().nth(1).as_deref() {
-        Some("micro") => micro(),
-        _ => {
-            eprintln!("usage: lb-bench micro");
-            std::process::exit(2);
-        }
-    }
-}

@@ -1,0 +1,365 @@
+//! End to end, five ways in one run: the same lab and load (wrk) through this
+//! balancer, nginx stream, HAProxy, nftables DNAT, and plain forwarding.
+use std::{
+    fmt::Write as _,
+    net::SocketAddrV4,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use lb_tests::lab::{backend_addr, Lab, VIP};
+
+const DURATION: &str = "5s";
+const CONCURRENCY: [u32; 3] = [16, 64, 256];
+const MAIN_CONCURRENCY: u32 = 64;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Xdp,
+    NginxStream,
+    Haproxy,
+    NftDnat,
+    Plain,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Xdp => "lb (XDP)",
+            Way::NginxStream => "nginx stream",
+            Way::Haproxy => "HAProxy",
+            Way::NftDnat => "nftables dnat",
+            Way::Plain => "plain forwarding",
+        }
+    }
+}
+
+struct Wrk {
+    requests_per_second: f64,
+    requests: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    balancer_cpu_seconds: f64,
+}
+
+/// The three backends' nginx, serving `GET /` with a short body.
+struct Backends {
+    children: Vec<Child>,
+}
+
+impl Backends {
+    fn start(lab: &Lab) -> Self {
+        let children = (0..lab.backends.len())
+            .map(|i| {
+                let dir = lab.dir.join(format!("nginx-b{}", i + 1));
+                std::fs::create_dir_all(&dir).unwrap();
+                let conf = format!(
+                    "worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log stderr error;\n\
+                     worker_rlimit_nofile 65536;\n\
+                     events {{ worker_connections 16384; }}\n\
+                     http {{ access_log off; keepalive_requests 1000000;\n\
+                       client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+                       server {{ listen {addr} backlog=4096; location / {{ return 200 \"b{n}\\n\"; }} }} }}\n",
+                    dir = dir.display(),
+                    addr = backend_addr(i),
+                    n = i + 1
+                );
+                std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+                lab.backends[i]
+                    .command("nginx")
+                    .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("nginx (apt-get install nginx-light)")
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        Self { children }
+    }
+
+    /// CPU seconds the backends' nginx processes (masters and workers) used.
+    fn cpu_seconds(&self) -> f64 {
+        let mut total = 0.0;
+        for c in &self.children {
+            total += process_tree_cpu(c.id());
+        }
+        total
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            unsafe { libc::kill(c.id() as i32, libc::SIGQUIT) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// utime + stime of a process and its children processes (threads are
+/// counted in the process), in seconds.
+fn process_tree_cpu(pid: u32) -> f64 {
+    let mut total = 0.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 13 {
+            total += (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / ticks_per_second();
+        }
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        total += process_tree_cpu(child);
+    }
+    total
+}
+
+/// Busy CPU seconds of the whole machine so far.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0.0)).collect();
+    let (idle, iowait) = (cpu[3], cpu[4]);
+    (cpu.iter().take(8).sum::<f64>() - idle - iowait) / ticks_per_second()
+}
+
+fn children_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+fn parse_ms(value: &str) -> f64 {
+    let (number, unit) = value.split_at(value.find(|c: char| c.is_alphabetic()).unwrap_or(value.len()));
+    let n: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Runs wrk from the client; `close` asks for a new connection per request.
+fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
+    let url = format!("http://{target}/");
+    let mut script = format!("ulimit -n 20000; wrk -t2 -c{connections} -d{DURATION} --timeout 5s --latency");
+    if close {
+        script.push_str(" -H 'Connection: close'");
+    }
+    script.push_str(&format!(" {url}"));
+    let (busy, children, backend_cpu) = (machine_busy_seconds(), children_cpu_seconds(), backends.cpu_seconds());
+    let out = lab.client.command("sh").args(["-c", &script]).output().expect("wrk (apt-get install wrk)");
+    let busy = machine_busy_seconds() - busy;
+    let wrk_cpu = children_cpu_seconds() - children;
+    let backend_cpu = backends.cpu_seconds() - backend_cpu;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<String> {
+        text.lines().find_map(|l| l.trim_start().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    let errors: u64 = field("Socket errors:")
+        .map(|l| l.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum())
+        .unwrap_or(0)
+        + field("Non-2xx or 3xx responses:").and_then(|n| n.parse().ok()).unwrap_or(0);
+    Wrk {
+        requests_per_second: field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        requests,
+        p50_ms: field("50%").map_or(f64::NAN, |v| parse_ms(&v)),
+        p99_ms: field("99%").map_or(f64::NAN, |v| parse_ms(&v)),
+        errors,
+        balancer_cpu_seconds: (busy - wrk_cpu - backend_cpu).max(0.0),
+    }
+}
+
+/// Sets the balancer host up for `way`; the returned guard undoes it.
+fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
+    let servers: Vec<String> = (0..lab.backends.len()).map(|i| backend_addr(i).to_string()).collect();
+    match way {
+        Way::Plain => (backend_addr(0), Box::new(|| {})),
+        Way::Xdp => {
+            let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+            (VIP, Box::new(move || {
+                let _ = agent.cli(&["shutdown"]);
+            }))
+        }
+        Way::NftDnat => {
+            let map = servers.iter().enumerate().map(|(i, s)| format!("{i} : {}", s.split(':').next().unwrap())).collect::<Vec<_>>().join(", ");
+            lab.lb.exec(&format!(
+                "nft add table ip lbbench && nft add chain ip lbbench pre {{ type nat hook prerouting priority -100 \\; }} \
+                 && nft add rule ip lbbench pre ip daddr {} tcp dport 80 dnat to numgen inc mod {} map {{ {map} }}",
+                VIP.ip(),
+                servers.len()
+            ));
+            let ns = lab.lb.name.clone();
+            (VIP, Box::new(move || {
+                let _ = Command::new("ip").args(["netns", "exec", &ns, "nft", "delete", "table", "ip", "lbbench"]).status();
+            }))
+        }
+        Way::NginxStream | Way::Haproxy => {
+            // A proxy needs the VIP as a local address to listen on.
+            lab.lb.exec(&format!("ip addr add {}/32 dev lo", VIP.ip()));
+            let dir = lab.dir.join("proxy");
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut child = if way == Way::NginxStream {
+                let upstream: String = servers.iter().map(|s| format!("server {s};")).collect();
+                let conf = format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     worker_processes 2; daemon off; pid {dir}/nginx.pid; error_log stderr error;\n\
+                     worker_rlimit_nofile 65536;\n\
+                     events {{ worker_connections 32768; }}\n\
+                     stream {{ upstream b {{ least_conn; {upstream} }} server {{ listen {VIP} backlog=4096; proxy_pass b; }} }}\n",
+                    dir = dir.display()
+                );
+                std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+                lab.lb.command("nginx").args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap()
+            } else {
+                let backend: String = servers.iter().enumerate().map(|(i, s)| format!("  server s{i} {s}\n")).collect();
+                let conf = format!(
+                    "global\n  nbthread 2\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                     frontend f\n  bind {VIP}\n  default_backend b\nbackend b\n  balance leastconn\n{backend}"
+                );
+                std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
+                lab.lb.command("haproxy").args(["-db", "-f", dir.join("haproxy.cfg").to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap()
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let ns = lab.lb.name.clone();
+            (VIP, Box::new(move || {
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                let _ = Command::new("ip").args(["netns", "exec", &ns, "ip", "addr", "del", &format!("{}/32", VIP.ip()), "dev", "lo"]).status();
+            }))
+        }
+    }
+}
+
+struct Results {
+    way: Way,
+    keepalive: Wrk,
+    close: Wrk,
+    sweep: Vec<(u32, Wrk)>,
+}
+
+pub fn run(plot: Option<&Path>) -> String {
+    let lab = Lab::new(3);
+    let backends = Backends::start(&lab);
+    let ways = [Way::Xdp, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
+    let mut results = Vec::new();
+    let mut concurrent_10k = None;
+    for way in ways {
+        eprintln!("== {}", way.name());
+        let (target, tear_down) = set_up(&lab, way);
+        let keepalive = wrk(&lab, &backends, target, MAIN_CONCURRENCY, false);
+        let close = wrk(&lab, &backends, target, MAIN_CONCURRENCY, true);
+        let sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, &backends, target, c, false))).collect();
+        if way == Way::Xdp {
+            concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
+        }
+        tear_down();
+        results.push(Results { way, keepalive, close, sweep });
+    }
+
+    let by = |w: Way| results.iter().find(|r| r.way == w).unwrap();
+    let (nginx, plain) = (by(Way::NginxStream), by(Way::Plain));
+    let cpu_per_request = |w: &Wrk| w.balancer_cpu_seconds / w.requests.max(1.0) * 1e6;
+    let mut out = format!(
+        "wrk -t2 -c{MAIN_CONCURRENCY} -d{DURATION}; \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
+         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in &results {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            r.way.name(),
+            r.keepalive.requests_per_second,
+            r.keepalive.requests_per_second / nginx.keepalive.requests_per_second,
+            r.keepalive.requests_per_second / plain.keepalive.requests_per_second,
+            r.keepalive.p50_ms,
+            r.keepalive.p99_ms,
+            r.close.requests_per_second,
+            r.close.requests_per_second / nginx.close.requests_per_second,
+            r.close.requests_per_second / plain.close.requests_per_second,
+            cpu_per_request(&r.keepalive),
+            cpu_per_request(&r.close),
+            r.keepalive.errors + r.close.errors,
+        );
+    }
+    out.push_str("\nKeep-alive requests/s and p99 latency against concurrency (wrk -c):\n\n| way |");
+    for c in CONCURRENCY {
+        let _ = write!(out, " c={c} req/s | c={c} p99 ms |");
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(CONCURRENCY.len() * 2));
+    out.push('\n');
+    for r in &results {
+        let _ = write!(out, "| {} |", r.way.name());
+        for (_, w) in &r.sweep {
+            let _ = write!(out, " {:.0} | {:.2} |", w.requests_per_second, w.p99_ms);
+        }
+        out.push('\n');
+    }
+    if let Some(w) = concurrent_10k {
+        let _ = writeln!(
+            out,
+            "\n10,000 concurrent keep-alive connections through lb (XDP): {:.0} req/s, p99 {:.1} ms, {} errors.",
+            w.requests_per_second, w.p99_ms, w.errors
+        );
+    }
+    if let Some(path) = plot {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, svg(&results)).unwrap();
+        let _ = writeln!(out, "\n![requests/s and p99 against concurrency]({})", path.display());
+    }
+    out
+}
+
+/// Two line charts side by side: requests/s and p99 against concurrency.
+fn svg(results: &[Results]) -> String {
+    let colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f"];
+    let (w, h, pad) = (420.0, 300.0, 50.0);
+    let mut out = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#, 2.0 * w + 160.0, h + 20.0);
+    for (panel, (title, value)) in [
+        ("keep-alive requests/s", (|w: &Wrk| w.requests_per_second) as fn(&Wrk) -> f64),
+        ("p99 latency, ms", |w: &Wrk| w.p99_ms),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x0 = panel as f64 * w;
+        let max = results.iter().flat_map(|r| r.sweep.iter().map(|(_, s)| value(s))).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1;
+        let x = |i: usize| x0 + pad + i as f64 * (w - 2.0 * pad) / (CONCURRENCY.len() - 1) as f64;
+        let y = |v: f64| h - pad + 10.0 - v / max.max(1e-9) * (h - 2.0 * pad);
+        let _ = write!(out, r#"<text x="{}" y="20" font-size="13">{title}</text>"#, x0 + pad);
+        let _ = write!(out, r#"<line x1="{0}" y1="{1}" x2="{2}" y2="{1}" stroke="black"/><line x1="{0}" y1="{1}" x2="{0}" y2="{3}" stroke="black"/>"#, x0 + pad, y(0.0), x(CONCURRENCY.len() - 1), y(max));
+        for (i, c) in CONCURRENCY.iter().enumerate() {
+            let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="middle">c={c}</text>"#, x(i), y(0.0) + 15.0);
+        }
+        for t in 0..=4 {
+            let v = max * t as f64 / 4.0;
+            let _ = write!(out, r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text>"#, x0 + pad - 4.0, y(v) + 4.0, v);
+        }
+        for (r, color) in results.iter().zip(colors) {
+            let points: Vec<String> = r.sweep.iter().enumerate().map(|(i, (_, s))| format!("{:.1},{:.1}", x(i), y(value(s)))).collect();
+            let _ = write!(out, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, points.join(" "));
+        }
+    }
+    for (i, (r, color)) in results.iter().zip(colors).enumerate() {
+        let yy = 40.0 + i as f64 * 18.0;
+        let _ = write!(out, r#"<rect x="{}" y="{}" width="12" height="4" fill="{color}"/><text x="{}" y="{}">{}</text>"#, 2.0 * w + 10.0, yy - 4.0, 2.0 * w + 28.0, yy, r.way.name());
+    }
+    out.push_str("</svg>\n");
+    out
+}
