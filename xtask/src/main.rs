@@ -53,6 +53,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/haproxy", "haproxy"),
     ("/usr/bin/wrk", "wrk"),
     ("/usr/sbin/nft", "nftables"),
+    ("/usr/sbin/bpftool", "bpftool"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 

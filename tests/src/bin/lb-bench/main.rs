@@ -11,7 +11,8 @@ fn main() {
         "all" => {
             let micro = micro::run();
             let e2e = e2e::run(Some(std::path::Path::new("docs/e2e.svg")));
-            let report = report(&micro, &e2e);
+            let notes = std::fs::read_to_string("docs/benchmark-notes.md").unwrap_or_default();
+            let report = format!("{}\n{notes}", report(&micro, &e2e));
             std::fs::write("BENCHMARKS.md", &report).expect("write BENCHMARKS.md");
             print!("{report}");
         }
