@@ -98,6 +98,8 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
             "took over the running data path: established flows kept"
         );
     }
+    balancer.flows_seen = balancer.datapath.flow_count() as u64;
+    balancer.count_flows_by_aging();
     let balancer = Arc::new(Mutex::new(balancer));
     if let Some(address) = config.agent.metrics {
         crate::metrics::serve(address, balancer.clone()).await?;
@@ -120,6 +122,8 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
     let mut control_tick = tokio::time::interval(CONTROL_TICK);
     let timeouts = config.agent.timeouts.to_wire();
     let mut pressure_warned = None;
+    let mut next_scan = std::time::Instant::now();
+    let mut scans = 0u64;
     let (check_results, mut checked) = mpsc::channel::<(String, std::net::SocketAddrV4, CheckResult)>(1024);
     let mut checkers = Checkers::default();
     loop {
@@ -162,8 +166,11 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
                 checkers.reconcile(b.check_targets(), &check_results);
             }
             _ = aging_tick.tick() => {
+                if std::time::Instant::now() < next_scan {
+                    continue;
+                }
                 let mut b = balancer.lock().unwrap();
-                let occupancy = b.datapath.flow_count() as f64 / b.datapath.max_flows() as f64;
+                let occupancy = b.flows_seen as f64 / b.datapath.max_flows() as f64;
                 let mut t = timeouts;
                 if occupancy > PRESSURE {
                     // Half-open flows (a SYN flood, say) go first, so that
@@ -178,15 +185,21 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
                         pressure_warned = Some(std::time::Instant::now());
                     }
                 }
-                match aging::age(&mut b.datapath, &t) {
+                scans += 1;
+                let started = std::time::Instant::now();
+                match aging::age(&mut b.datapath, &t, scans % ORPHAN_SCAN_EVERY == 0) {
                     Ok(r) => {
                         b.expired_total += r.expired as u64;
+                        b.flows_seen = r.flows;
                         if r.expired > 0 || r.orphans_removed > 0 {
                             tracing::debug!(expired = r.expired, orphans = r.orphans_removed, "aged flows");
                         }
                     }
                     Err(e) => tracing::warn!("aging the connection table failed: {e:#}"),
                 }
+                // A big table takes a while to read: keep aging to about a
+                // tenth of a CPU.
+                next_scan = std::time::Instant::now() + started.elapsed() * 9;
                 if let Err(e) = b.reclaim() {
                     tracing::warn!("reclaiming backend slots failed: {e:#}");
                 }
@@ -240,6 +253,8 @@ fn reload(balancer: &Mutex<Balancer>, path: &std::path::Path) -> Response {
 /// aged after `PRESSURE_SYN_TIMEOUT_NS`.
 const PRESSURE: f64 = 0.9;
 const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
+/// Every this many aging scans, also look for leftover reply entries.
+const ORPHAN_SCAN_EVERY: u64 = 30;
 
 /// How often passive health, slow starts and drains are looked at.
 const CONTROL_TICK: Duration = Duration::from_millis(100);

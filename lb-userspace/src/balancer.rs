@@ -166,6 +166,9 @@ pub struct Balancer {
     retired: Vec<RetiredService>,
     /// Idle flows the agent has removed, for the metrics.
     pub expired_total: u64,
+    /// Flows in the table at the last aging scan; `None` counts them now.
+    pub flows_seen: u64,
+    counted_by_aging: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -238,7 +241,13 @@ pub struct FlowStatus {
 
 impl Balancer {
     pub fn new(datapath: Datapath) -> Self {
-        Self { datapath, services: Vec::new(), retired: Vec::new(), expired_total: 0 }
+        Self { datapath, services: Vec::new(), retired: Vec::new(), expired_total: 0, flows_seen: 0, counted_by_aging: false }
+    }
+
+    /// From now on the status takes its flow count from the aging scans
+    /// (`flows_seen`) instead of reading the whole table each time.
+    pub fn count_flows_by_aging(&mut self) {
+        self.counted_by_aging = true;
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut ServiceState> {
@@ -659,7 +668,7 @@ impl Balancer {
             });
         }
         let counters = self.datapath.counters()?;
-        let flows = self.datapath.flows().iter().filter(|(_, f)| f.direction == DIR_FORWARD).count();
+        let flows = if self.counted_by_aging { self.flows_seen as usize } else { self.datapath.flow_count() };
         Ok(Status {
             services,
             flow_table: FlowTableStatus {

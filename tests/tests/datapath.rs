@@ -282,14 +282,14 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         let busy = open(b, 40031);
         run(b, &Tcp::new(idle, client(40030), SYN | ACK).frame());
         let long = Timeouts { syn: 3_600_000_000_000, established: 3_600_000_000_000, fin: 1, closed: 1 };
-        let report = lb::aging::age(&mut b.datapath, &long).unwrap();
+        let report = lb::aging::age(&mut b.datapath, &long, true).unwrap();
         assert_eq!(report.expired, 0, "nothing is idle for an hour");
         assert_eq!(active(b), vec![1, 1]);
 
         // 1 ns timeouts: both are idle now; they go, and their counts with them.
         let short = Timeouts { syn: 1, established: 1, fin: 1, closed: 1 };
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let report = lb::aging::age(&mut b.datapath, &short).unwrap();
+        let report = lb::aging::age(&mut b.datapath, &short, true).unwrap();
         assert_eq!(report.expired, 2);
         assert_eq!(active(b), vec![0, 0]);
         assert_eq!(flow_entries(b), 0);
@@ -297,7 +297,7 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         let again = open(b, 40031);
         run(b, &Tcp::new(client(40031), VIP, RST).frame());
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(lb::aging::age(&mut b.datapath, &short).unwrap().expired, 1);
+        assert_eq!(lb::aging::age(&mut b.datapath, &short, true).unwrap().expired, 1);
         assert_eq!(active(b), vec![0, 0]);
         let _ = (busy, again);
     });
