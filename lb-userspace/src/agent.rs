@@ -91,12 +91,18 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
         }
     }
     if reused {
-        let status = balancer.status()?;
-        tracing::info!(
-            services = adopted,
-            flows = status.flow_table.flows,
-            "took over the running data path: established flows kept"
-        );
+        let flows = balancer.datapath.flow_count();
+        tracing::info!(services = adopted, flows, "took over the running data path: established flows kept");
+        match balancer.verify_counts() {
+            Ok((checked, differing)) if differing.is_empty() => {
+                tracing::info!(backends = checked, "connection counts match the live flows in the table")
+            }
+            Ok((_, differing)) => tracing::warn!(
+                "connection counts differ from the table (flows opening or closing meanwhile?): {}",
+                differing.join("; ")
+            ),
+            Err(e) => tracing::warn!("checking the connection counts failed: {e:#}"),
+        }
     }
     balancer.flows_seen = balancer.datapath.flow_count() as u64;
     balancer.count_flows_by_aging();

@@ -60,6 +60,7 @@ fn without_an_agent_flows_keep_going_until_lb_shutdown() {
     assert_eq!(held.round_trip(b"no agent").unwrap(), b"no agent");
 
     let agent = lab.start_agent(&config);
+    assert!(agent.log().contains("connection counts match the live flows"), "{}", agent.log());
     assert_eq!(held.round_trip(b"new agent").unwrap(), b"new agent");
     assert_eq!(agent.status()["services"][0]["active_connections"], 1);
     assert!(agent.cli(&["shutdown"]).unwrap().contains("off"));
