@@ -89,9 +89,14 @@ pub struct Held {
 
 /// Connects from `client` to `target` and reads the backend's name.
 pub fn connect(client: &Netns, target: SocketAddrV4) -> std::io::Result<Held> {
-    let stream = client.run(|| TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    connect_with(client, target, IO_TIMEOUT)
+}
+
+/// The same, with `timeout` for connecting and for every read and write.
+pub fn connect_with(client: &Netns, target: SocketAddrV4, timeout: Duration) -> std::io::Result<Held> {
+    let stream = client.run(|| TcpStream::connect_timeout(&SocketAddr::V4(target), timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     if !line.ends_with('\n') {
@@ -146,16 +151,8 @@ pub fn request_held(client: &Netns, target: SocketAddrV4, hold: Duration, timeou
     let started = Instant::now();
     let mut backend = None;
     let result = (|| -> std::io::Result<()> {
-        let stream = client.run(|| TcpStream::connect_timeout(&SocketAddr::V4(target), timeout))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        if !line.ends_with('\n') {
-            return Err(std::io::Error::other("closed before the greeting"));
-        }
-        backend = Some(line.trim().to_string());
-        let held = Held { stream, backend: line.trim().to_string() };
+        let held = connect_with(client, target, timeout)?;
+        backend = Some(held.backend.clone());
         if held.round_trip(b"ping")? != b"ping" {
             return Err(std::io::Error::other("echo differs"));
         }
