@@ -165,7 +165,6 @@ pub struct BackendStats {
 pub enum Counter {
     Packets = 0,
     VerdictPass,
-    VerdictTx,
     VerdictRedirect,
     VerdictDrop,
     NewFlows,
@@ -191,12 +190,11 @@ pub enum Counter {
     Fragment,
 }
 
-pub const COUNTER_COUNT: usize = 17;
+pub const COUNTER_COUNT: usize = 16;
 
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT] = [
     "packets",
     "verdict_pass",
-    "verdict_tx",
     "verdict_redirect",
     "verdict_drop",
     "new_flows",

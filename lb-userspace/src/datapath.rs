@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
-        xdp::{XdpLink, XdpLinkId},
+        xdp::XdpLink,
         TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -234,16 +234,6 @@ impl Datapath {
 
     fn program(&self, name: &str) -> Result<&Xdp> {
         Ok(self.ebpf.program(name).context("program missing")?.try_into()?)
-    }
-
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId> {
-        let prog: &mut Xdp = self.ebpf.program_mut("lb_xdp").context("program missing")?.try_into()?;
-        Ok(prog.attach(interface, mode)?)
-    }
-
-    pub fn detach(&mut self, link: XdpLinkId) -> Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut("lb_xdp").context("program missing")?.try_into()?;
-        Ok(prog.detach(link)?)
     }
 
     pub fn set_service(&mut self, vip: SocketAddrV4, id: u32) -> Result<()> {

@@ -128,7 +128,7 @@ pub fn render(status: &Status, expired_total: u64) -> String {
     let runs = counter_family(&mut r, "lb_packets", "Packets the XDP program ran on");
     runs.get_or_create(&vec![]).inc_by(c("packets"));
     let verdicts = counter_family(&mut r, "lb_verdicts", "XDP verdicts");
-    for v in ["pass", "drop", "redirect", "tx"] {
+    for v in ["pass", "drop", "redirect"] {
         verdicts.get_or_create(&vec![("verdict", v.to_string())]).inc_by(c(&format!("verdict_{v}")));
     }
     let drops = counter_family(&mut r, "lb_drops", "Packets dropped, by reason");
