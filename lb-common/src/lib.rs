@@ -137,11 +137,22 @@ pub struct Flow {
     /// computed once when the flow is created.
     pub ip_csum_diff: u16,
     pub l4_csum_diff: u16,
-    pub _pad2: u32,
+    /// The next hop from the last successful route lookup for this
+    /// direction (0: none yet): egress interface, then destination and
+    /// source MAC addresses, and when it was looked up. Reused for
+    /// `NEXT_HOP_TTL_NS`, so most packets skip the route lookup.
+    pub hop_ifindex: u32,
     /// `bpf_ktime_get_coarse_ns` of the last packet in this direction;
     /// 0 in a reply entry until the backend has answered.
     pub last_seen: u64,
+    pub hop_macs: [u8; 12],
+    pub _pad2: u32,
+    pub hop_at: u64,
 }
+
+/// How long a flow's cached next hop is used before the route is looked up
+/// again: route and neighbour changes take effect within this time.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// Traffic per backend slot, per CPU.
 #[repr(C)]
@@ -313,7 +324,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<FlowKey>(), 12);
-        assert_eq!(size_of::<Flow>(), 32);
+        assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<Timeouts>(), 32);
         assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 12 * EXPIRE_BATCH);
         assert_eq!(COUNTER_NAMES.len(), Counter::Fragment as usize + 1);

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Counter, PROTO_TCP};
+use lb_common::{Counter, Flow, NEXT_HOP_TTL_NS, PROTO_TCP};
 
 use crate::{
     csum::{apply, diff16},
@@ -24,12 +24,18 @@ pub struct Sent {
     pub counter: Counter,
 }
 
+/// Sends the rewritten packet to its next hop. `flow` is the packet's flow
+/// (`entry`: its table entry, where a fresh route lookup is cached; `None`
+/// for the first packet of a flow).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &TcpPacket) -> Sent {
+pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut Flow>, now: u64) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
     if ip.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
+    }
+    if flow.hop_ifindex != 0 && now.wrapping_sub(flow.hop_at) < NEXT_HOP_TTL_NS {
+        return out(pkt, flow.hop_ifindex, &flow.hop_macs);
     }
     let mut fib: FibParams = unsafe { mem::zeroed() };
     fib.family = AF_INET;
@@ -57,20 +63,36 @@ pub fn send(ctx: &XdpContext, pkt: &TcpPacket) -> Sent {
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
 
-    // Forward as a router does: one hop less.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    if let Some(entry) = entry {
+        unsafe {
+            (*entry).hop_macs = macs;
+            (*entry).hop_at = now;
+            (*entry).hop_ifindex = fib.ifindex;
+        }
+    }
+    out(pkt, fib.ifindex, &macs)
+}
+
+/// Forwards as a router does (one hop less) out of `ifindex`.
+#[inline(always)]
+fn out(pkt: &TcpPacket, ifindex: u32, macs: &[u8; 12]) -> Sent {
+    let ip = unsafe { &mut *pkt.ip };
     let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
     let new_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.check = apply(u16::from_ne_bytes(ip.check), crate::csum::fold(diff16(old_word, new_word)))
         .to_ne_bytes();
     unsafe {
-        (*pkt.eth).dst_addr = fib.dmac;
-        (*pkt.eth).src_addr = fib.smac;
+        (*pkt.eth).dst_addr.copy_from_slice(&macs[..6]);
+        (*pkt.eth).src_addr.copy_from_slice(&macs[6..]);
     }
     // A redirect even back out of the same interface, where XDP_TX would
     // be a little faster on a hardware NIC: a veth flushes XDP_TX frames to
     // its peer only when the peer runs an XDP program, so on veth (containers,
     // namespaces) they would be stuck.
-    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
     Sent { action, counter: Counter::VerdictRedirect }
 }

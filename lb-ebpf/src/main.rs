@@ -90,8 +90,8 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
             }
         }
     }
-    let flow = match (opened, existing) {
-        (Some(flow), _) => flow,
+    let (flow, entry) = match (opened, existing) {
+        (Some(flow), _) => (flow, None),
         (None, Some(entry)) => {
             let flow = unsafe { *entry };
             if conntrack::answer_with_reset(&flow) && pkt.flags & parse::TCP_RST == 0 {
@@ -102,7 +102,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 stats::count(Counter::RefusalSwallowed);
                 return DROP;
             }
-            flow
+            (flow, Some(entry))
         }
         // Not a flow of ours: the host's own traffic, or a stray segment the
         // kernel will answer.
@@ -124,7 +124,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     }
 
     // Send.
-    let sent = forward::send(ctx, &pkt);
+    let sent = forward::send(ctx, &pkt, &flow, entry, now);
     (sent.action, sent.counter)
 }
 

@@ -302,3 +302,22 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         let _ = (busy, again);
     });
 }
+
+#[test]
+fn the_next_hop_is_cached_per_flow_and_follows_a_neighbour_change_within_a_second() {
+    with_balancer(&[1], |b| {
+        let be = open(b, 40040); // the first packet looks the route up
+        let ack = Tcp::new(client(40040), VIP, ACK).frame();
+        assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0));
+        // The backend's MAC changes (a replaced machine keeping its address).
+        // This runs inside the test's namespace: the thread entered it.
+        let status = std::process::Command::new("ip")
+            .args(["neigh", "replace", &be.ip().to_string(), "lladdr", "02:00:00:00:09:09", "dev", "srv", "nud", "permanent"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0), "within the TTL: the cached hop");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(inspect(&run(b, &ack).1).dst_mac, [2, 0, 0, 0, 9, 9], "after it: looked up again");
+    });
+}
