@@ -213,7 +213,7 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
         ..Flow::default()
     };
 
-    let forward_entry = match existing {
+    match existing {
         Some(entry) => {
             let observed = unsafe { core::ptr::read_volatile(&(*entry).state) };
             if observed & FLOW_EXPIRED != 0 {
@@ -241,23 +241,20 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
                 let _ = FLOWS.remove(&old_reply_key);
             }
             unsafe { *entry = forward };
-            entry
         }
         None => {
             if let Err(e) = FLOWS.insert(key, &forward, BPF_NOEXIST as u64) {
                 // EEXIST: another CPU opened the same flow a moment ago.
                 return Opened::Drop((e != -EEXIST).then_some(Counter::TableFull));
             }
-            match FLOWS.get_ptr_mut(key) {
-                Some(entry) => entry,
-                None => return Opened::Drop(None),
-            }
         }
-    };
+    }
     assign(service, choice.slot);
     if FLOWS.insert(&reply_key, &reply, BPF_ANY as u64).is_err() {
         // Without its reply entry the flow cannot work: close it again.
-        mark(forward_entry, FLOW_RESET);
+        if let Some(entry) = FLOWS.get_ptr_mut(key) {
+            mark(entry, FLOW_RESET);
+        }
         return Opened::Drop(Some(Counter::TableFull));
     }
     Opened::Flow(forward)
