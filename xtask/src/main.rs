@@ -54,6 +54,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/wrk", "wrk"),
     ("/usr/sbin/nft", "nftables"),
     ("/usr/sbin/bpftool", "bpftool"),
+    ("/usr/bin/iperf3", "iperf3"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 

@@ -13,6 +13,24 @@ use lb_tests::lab::{backend_addr, Lab, VIP};
 const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
 const MAIN_CONCURRENCY: u32 = 64;
+/// iperf3's port: a second service, to one backend, for the bulk transfer.
+const BULK_PORT: u16 = 5201;
+
+fn bulk(addr: SocketAddrV4) -> SocketAddrV4 {
+    SocketAddrV4::new(*addr.ip(), BULK_PORT)
+}
+
+/// One TCP stream for 3 s through the balancer, in Gbit/s (iperf3).
+fn iperf3(lab: &Lab, target: SocketAddrV4) -> f64 {
+    let out = lab
+        .client
+        .command("iperf3")
+        .args(["-c", &target.ip().to_string(), "-p", &target.port().to_string(), "-t", "3", "-J"])
+        .output()
+        .expect("iperf3 (apt-get install iperf3)");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
@@ -191,6 +209,8 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
         Way::Plain => (backend_addr(0), Box::new(|| {})),
         Way::Xdp => {
             let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+            agent.cli(&["service", "add", "bulk", &bulk(VIP).to_string()]).unwrap();
+            agent.cli(&["backend", "add", "bulk", &bulk(backend_addr(0)).to_string()]).unwrap();
             (VIP, Box::new(move || {
                 let _ = agent.cli(&["shutdown"]);
             }))
@@ -199,9 +219,12 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
             let map = servers.iter().enumerate().map(|(i, s)| format!("{i} : {}", s.split(':').next().unwrap())).collect::<Vec<_>>().join(", ");
             lab.lb.exec(&format!(
                 "nft add table ip lbbench && nft add chain ip lbbench pre {{ type nat hook prerouting priority -100 \\; }} \
-                 && nft add rule ip lbbench pre ip daddr {} tcp dport 80 dnat to numgen inc mod {} map {{ {map} }}",
+                 && nft add rule ip lbbench pre ip daddr {} tcp dport 80 dnat to numgen inc mod {} map {{ {map} }} \
+                 && nft add rule ip lbbench pre ip daddr {} tcp dport {BULK_PORT} dnat to {}",
                 VIP.ip(),
-                servers.len()
+                servers.len(),
+                VIP.ip(),
+                backend_addr(0).ip()
             ));
             let ns = lab.lb.name.clone();
             (VIP, Box::new(move || {
@@ -220,7 +243,10 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
                      worker_processes 2; daemon off; pid {dir}/nginx.pid; error_log stderr error;\n\
                      worker_rlimit_nofile 65536;\n\
                      events {{ worker_connections 32768; }}\n\
-                     stream {{ upstream b {{ least_conn; {upstream} }} server {{ listen {VIP} backlog=4096; proxy_pass b; }} }}\n",
+                     stream {{ upstream b {{ least_conn; {upstream} }} server {{ listen {VIP} backlog=4096; proxy_pass b; }}\n\
+                       server {{ listen {}; proxy_pass {}; }} }}\n",
+                    bulk(VIP),
+                    bulk(backend_addr(0)),
                     dir = dir.display()
                 );
                 std::fs::write(dir.join("nginx.conf"), conf).unwrap();
@@ -229,7 +255,10 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
                 let backend: String = servers.iter().enumerate().map(|(i, s)| format!("  server s{i} {s}\n")).collect();
                 let conf = format!(
                     "global\n  nbthread 2\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-                     frontend f\n  bind {VIP}\n  default_backend b\nbackend b\n  balance leastconn\n{backend}"
+                     frontend f\n  bind {VIP}\n  default_backend b\nbackend b\n  balance leastconn\n{backend}\
+                     frontend bulk\n  bind {}\n  default_backend bulk\nbackend bulk\n  server s {}\n",
+                    bulk(VIP),
+                    bulk(backend_addr(0))
                 );
                 std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
                 lab.lb.command("haproxy").args(["-db", "-f", dir.join("haproxy.cfg").to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap()
@@ -247,6 +276,7 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
 
 struct Results {
     way: Way,
+    bulk_gbps: f64,
     keepalive: Wrk,
     close: Wrk,
     sweep: Vec<(u32, Wrk)>,
@@ -255,6 +285,13 @@ struct Results {
 pub fn run(plot: Option<&Path>) -> String {
     let lab = Lab::new(3);
     let backends = Backends::start(&lab);
+    let mut iperf_server = lab.backends[0]
+        .command("iperf3")
+        .args(["-s", "-B", &backend_addr(0).ip().to_string(), "-p", &BULK_PORT.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 (apt-get install iperf3)");
+    std::thread::sleep(Duration::from_millis(300));
     let ways = [Way::Xdp, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
     let mut results = Vec::new();
     let mut concurrent_10k = None;
@@ -264,25 +301,28 @@ pub fn run(plot: Option<&Path>) -> String {
         let keepalive = wrk(&lab, &backends, target, MAIN_CONCURRENCY, false);
         let close = wrk(&lab, &backends, target, MAIN_CONCURRENCY, true);
         let sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, &backends, target, c, false))).collect();
+        let bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
         if way == Way::Xdp {
             concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
         }
         tear_down();
-        results.push(Results { way, keepalive, close, sweep });
+        results.push(Results { way, bulk_gbps, keepalive, close, sweep });
     }
 
+    let _ = iperf_server.kill();
+    let _ = iperf_server.wait();
     let by = |w: Way| results.iter().find(|r| r.way == w).unwrap();
     let (nginx, plain) = (by(Way::NginxStream), by(Way::Plain));
     let cpu_per_request = |w: &Wrk| w.balancer_cpu_seconds / w.requests.max(1.0) * 1e6;
     let mut out = format!(
         "wrk -t2 -c{MAIN_CONCURRENCY} -d{DURATION}; \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
-         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors | bulk Gbit/s (iperf3, 1 stream) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in &results {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {:.1} |",
             r.way.name(),
             r.keepalive.requests_per_second,
             r.keepalive.requests_per_second / nginx.keepalive.requests_per_second,
@@ -295,6 +335,7 @@ pub fn run(plot: Option<&Path>) -> String {
             cpu_per_request(&r.keepalive),
             cpu_per_request(&r.close),
             r.keepalive.errors + r.close.errors,
+            r.bulk_gbps,
         );
     }
     out.push_str("\nKeep-alive requests/s and p99 latency against concurrency (wrk -c):\n\n| way |");
