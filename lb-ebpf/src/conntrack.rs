@@ -33,7 +33,7 @@ pub fn lookup(key: &FlowKey) -> Option<*mut Flow> {
 
 /// A SYN on a closed flow's 5-tuple starts a new flow in the same entry.
 #[inline(always)]
-pub fn reusable(flow: *const Flow) -> bool {
+fn reusable(flow: *const Flow) -> bool {
     unsafe { (*flow).direction == DIR_FORWARD && flow_closed((*flow).state) }
 }
 
@@ -132,10 +132,27 @@ fn assign(service: u16, slot: u16) {
     stats::count(Counter::NewFlows);
 }
 
+/// Whether a client's SYN opens a flow, and if so which backend slot to
+/// avoid (`NO_SLOT`: none). It opens one unless its flow is live and
+/// answered (then it is a retransmission); a live flow whose backend left
+/// the SYN unanswered moves to another backend if one can take it.
+#[inline(always)]
+pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>) -> Option<u32> {
+    match existing {
+        None => Some(schedule::NO_SLOT),
+        Some(entry) if reusable(entry) => Some(schedule::NO_SLOT),
+        Some(entry) if unanswered(key, entry) => {
+            count_unanswered(entry);
+            Some(unsafe { (*entry).slot } as u32)
+        }
+        Some(_) => None,
+    }
+}
+
 /// The client is sending its SYN again and the backend has not answered:
 /// a passive health failure, and the flow may move to another backend.
 #[inline(always)]
-pub fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
+fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
     let reply_key = unsafe {
         FlowKey { saddr: (*forward).nat_addr, daddr: key.saddr, sport: (*forward).nat_port, dport: key.sport }
     };
@@ -146,7 +163,7 @@ pub fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
 }
 
 #[inline(always)]
-pub fn count_unanswered(forward: *const Flow) {
+fn count_unanswered(forward: *const Flow) {
     if let Some(s) = unsafe { stats::backend((*forward).service, (*forward).slot) } {
         unsafe { (*s).unanswered += 1 };
     }

@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use conntrack::Opened;
-use lb_common::{Counter, ExpireRequest, DIR_FORWARD, EXPIRE_BATCH, EXPIRE_RESET};
+use lb_common::{Counter, ExpireRequest, EXPIRE_BATCH, EXPIRE_RESET};
 use parse::Parsed;
 use schedule::NO_SLOT;
 
@@ -59,19 +59,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     let existing = conntrack::lookup(&key);
     let mut opened = None;
     if pkt.is_syn() {
-        // A SYN opens a flow unless its flow is live and answered (then it is
-        // a retransmission). A live flow whose backend left the SYN
-        // unanswered moves to another backend if one can take it.
-        let (opens, avoid) = match existing {
-            None => (true, NO_SLOT),
-            Some(entry) if conntrack::reusable(entry) => (true, NO_SLOT),
-            Some(entry) if conntrack::unanswered(&key, entry) => {
-                conntrack::count_unanswered(entry);
-                (true, unsafe { (*entry).slot } as u32)
-            }
-            Some(_) => (false, NO_SLOT),
-        };
-        if opens {
+        if let Some(avoid) = conntrack::syn_opens(&key, existing) {
             match conntrack::open(&key, existing, now, avoid) {
                 Opened::Flow(flow) => {
                     if avoid != NO_SLOT {
@@ -111,17 +99,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
 
     // Rewrite.
     nat::rewrite(&pkt, &flow);
-    if let Some(s) = stats::backend(flow.service, flow.slot) {
-        unsafe {
-            if flow.direction == DIR_FORWARD {
-                (*s).fwd_packets += 1;
-                (*s).fwd_bytes += pkt.len;
-            } else {
-                (*s).reply_packets += 1;
-                (*s).reply_bytes += pkt.len;
-            }
-        }
-    }
+    stats::count_packet(&flow, pkt.len);
 
     // Send.
     let sent = forward::send(ctx, &pkt, &flow, entry, now);

@@ -1,5 +1,5 @@
 //! Per-CPU counters: no locks and no shared cache lines on the packet path.
-use lb_common::{BackendStats, Counter, MAX_BACKENDS};
+use lb_common::{BackendStats, Counter, Flow, DIR_FORWARD, MAX_BACKENDS};
 
 use crate::maps::{BACKEND_STATS, COUNTERS};
 
@@ -26,4 +26,20 @@ pub fn count_verdict(verdict: Counter) {
 pub fn backend(service: u16, slot: u16) -> Option<*mut BackendStats> {
     let index = service as u32 * MAX_BACKENDS + (slot as u32 & (MAX_BACKENDS - 1));
     BACKEND_STATS.get_ptr_mut(index)
+}
+
+/// Counts a forwarded packet on its backend, by direction.
+#[inline(always)]
+pub fn count_packet(flow: &Flow, len: u64) {
+    if let Some(s) = backend(flow.service, flow.slot) {
+        unsafe {
+            if flow.direction == DIR_FORWARD {
+                (*s).fwd_packets += 1;
+                (*s).fwd_bytes += len;
+            } else {
+                (*s).reply_packets += 1;
+                (*s).reply_bytes += len;
+            }
+        }
+    }
 }
