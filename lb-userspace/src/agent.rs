@@ -193,7 +193,7 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
                 }
                 scans += 1;
                 let started = std::time::Instant::now();
-                match aging::age(&mut b.datapath, &t, scans % ORPHAN_SCAN_EVERY == 0) {
+                match aging::age(&mut b.datapath, &t, scans.is_multiple_of(ORPHAN_SCAN_EVERY)) {
                     Ok(r) => {
                         b.expired_total += r.expired as u64;
                         b.flows_seen = r.flows;

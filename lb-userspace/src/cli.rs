@@ -373,8 +373,8 @@ pub fn render_status(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7} {:>10}  {}",
-            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "CONN/s", "BYTES/s", "WHY"
+            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7} {:>10}  WHY",
+            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "CONN/s", "BYTES/s"
         );
         for b in &s.backends {
             let mut state = b.state.clone();

@@ -73,7 +73,7 @@ fn main() -> Result<()> {
         Task::Demo { which } => {
             setup()?;
             build()?;
-            run(&mut Command::new("target/release/lb-demo").arg(which))
+            run(Command::new("target/release/lb-demo").arg(which))
         }
         Task::Bench { which } => {
             setup()?;
@@ -81,7 +81,7 @@ fn main() -> Result<()> {
                 install_missing(BENCH_PACKAGES)?;
             }
             build()?;
-            run(&mut Command::new("target/release/lb-bench").arg(which))
+            run(Command::new("target/release/lb-bench").arg(which))
         }
     }
 }
