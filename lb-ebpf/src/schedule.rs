@@ -62,29 +62,47 @@ pub fn choose(service: u32, avoid: u32) -> Option<Choice> {
         best_active: 0,
         best_weight: 1,
     };
-    unsafe { bpf_loop(len, consider as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0) };
+    let steps = len.div_ceil(SLOTS_PER_STEP);
+    unsafe { bpf_loop(steps, step as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0) };
     if scan.best == NO_SLOT {
         return None;
     }
     Some(Choice { slot: scan.best as u16, backend: unsafe { (*set).slots[(scan.best & SLOT_MASK) as usize] } })
 }
 
-/// One step of the scan: the i-th slot from the random start.
+/// Slots one `bpf_loop` step looks at: the loop calls its callback once per
+/// step, and that call is most of a one-slot step's cost.
+const SLOTS_PER_STEP: u32 = 4;
+
+/// One step of the scan: `SLOTS_PER_STEP` slots from the random start.
 #[inline(never)]
-extern "C" fn consider(i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
-    let mut slot = scan.start.wrapping_add(i as u32);
+    for j in 0..SLOTS_PER_STEP {
+        let k = (i as u32).wrapping_mul(SLOTS_PER_STEP).wrapping_add(j);
+        if k >= scan.len {
+            break;
+        }
+        consider(scan, k);
+    }
+    0
+}
+
+/// The k-th slot from the random start.
+#[inline(always)]
+fn consider(scan: &mut Scan, k: u32) {
+    let mut slot = scan.start.wrapping_add(k);
     if slot >= scan.len {
         slot = slot.wrapping_sub(scan.len);
     }
     let slot = slot & SLOT_MASK;
     let backend = unsafe { &(*scan.set).slots[slot as usize] };
     if backend.flags & BACKEND_ELIGIBLE == 0 || backend.weight == 0 || slot == scan.avoid {
-        return 0;
+        return;
     }
     let active = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize]) };
     if backend.max_conns != 0 && active >= backend.max_conns as u64 {
-        return 0;
+        return;
     }
     let weight = backend.weight as u64;
     let tier = backend.tier as u32;
@@ -98,5 +116,4 @@ extern "C" fn consider(i: u64, ctx: *mut c_void) -> i64 {
         scan.best_active = active;
         scan.best_weight = weight;
     }
-    0
 }
