@@ -28,6 +28,9 @@ use crate::{
     health::{Change, CheckResult, Health, HealthConfig},
 };
 
+/// Tables up to this many flows are counted afresh for each status.
+const COUNT_FLOWS_UP_TO: u64 = 100_000;
+
 /// How often connection and byte rates are sampled.
 const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -167,7 +170,7 @@ pub struct Balancer {
     retired: Vec<RetiredService>,
     /// Idle flows the agent has removed, for the metrics.
     pub expired_total: u64,
-    /// Flows in the table at the last aging scan; `None` counts them now.
+    /// Flows in the table at the last aging scan.
     pub flows_seen: u64,
     counted_by_aging: bool,
 }
@@ -246,7 +249,7 @@ impl Balancer {
     }
 
     /// From now on the status takes its flow count from the aging scans
-    /// (`flows_seen`) instead of reading the whole table each time.
+    /// (`flows_seen`) when the table is big, instead of reading it each time.
     pub fn count_flows_by_aging(&mut self) {
         self.counted_by_aging = true;
     }
@@ -694,7 +697,13 @@ impl Balancer {
             });
         }
         let counters = self.datapath.counters()?;
-        let flows = if self.counted_by_aging { self.flows_seen as usize } else { self.datapath.flow_count() };
+        // Reading a big table takes a while (about 0.7 s for a million
+        // flows): past this size the status gives the last aging scan's count.
+        let flows = if self.counted_by_aging && self.flows_seen > COUNT_FLOWS_UP_TO {
+            self.flows_seen as usize
+        } else {
+            self.datapath.flow_count()
+        };
         Ok(Status {
             services,
             flow_table: FlowTableStatus {
