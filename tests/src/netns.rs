@@ -105,14 +105,25 @@ fn remove(name: &str) {
         .output();
 }
 
-/// Removes namespaces left by earlier runs whose process is gone.
+/// Removes namespaces, and the data paths their labs pinned in bpffs, left by
+/// earlier runs whose process is gone.
 fn sweep_leftovers() {
+    let dead = |name: &str| {
+        let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()).unwrap_or("");
+        !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    };
+    if let Ok(pins) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in pins.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && dead(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if dead(name) {
             remove(name);
         }
     }
