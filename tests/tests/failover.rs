@@ -41,6 +41,13 @@ fn quick(lab: &Lab) -> Outcome {
     request_held(&lab.client, VIP, Duration::ZERO, Duration::from_secs(5))
 }
 
+/// `backend` answers some of 40 new connections. Ties are broken at random,
+/// so 40 make missing it by chance about a one-in-ten-million event.
+fn assert_takes_new_flows(lab: &Lab, backend: &str, why: &str) {
+    let answered: Vec<_> = (0..40).map(|_| quick(lab).backend.unwrap()).collect();
+    assert!(answered.iter().any(|b| b == backend), "{backend} takes new flows ({why}): {answered:?}");
+}
+
 #[test]
 fn a_killed_backend_fails_only_its_in_flight_requests() {
     let _serial = serial();
@@ -102,10 +109,7 @@ fn a_backend_whose_interface_goes_down_is_detected_and_comes_back() {
     agent.wait_for("b2's abandoned flows to close", Duration::from_secs(20), |s| {
         s["services"][0]["backends"][1]["active_connections"] == 0
     });
-    // Ties are broken at random: 40 requests make missing b2 by chance
-    // about a one-in-ten-million event.
-    let answered: Vec<_> = (0..40).map(|_| quick(&lab).backend.unwrap()).collect();
-    assert!(answered.iter().any(|b| b == "b2"), "b2 takes new flows again: {answered:?}");
+    assert_takes_new_flows(&lab, "b2", "back after its interface came up");
 }
 
 #[test]
@@ -193,8 +197,7 @@ fn draining_under_load_fails_nothing_and_wait_returns_when_the_last_flow_ends() 
     assert_eq!(agent.backend(backend_addr(1))["state"], "draining");
 
     agent.cli(&["backend", "enable", "web", &b2]).unwrap();
-    let answered: Vec<_> = (0..40).map(|_| quick(&lab).backend.unwrap()).collect();
-    assert!(answered.iter().any(|b| b == "b2"), "enabled again: {answered:?}");
+    assert_takes_new_flows(&lab, "b2", "enabled again");
 }
 
 #[test]
