@@ -55,20 +55,89 @@ pub struct Backend {
     pub max_conns: u32,
 }
 
+/// How a service chooses among its candidates.
+/// Weighted least connections over every candidate (IPVS `wlc`, nginx `least_conn`).
+pub const SCHEDULER_LEAST_CONN: u32 = 0;
+/// Weighted least connections between two candidates picked at random (nginx
+/// `random two least_conn`): a constant cost whatever the pool's size.
+pub const SCHEDULER_RANDOM_TWO: u32 = 1;
+
 /// The backend slots of one service. Written only by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BackendSet {
     /// Slots in use are `0..len`; slots within may be ineligible.
     pub len: u32,
-    pub _pad: u32,
+    /// Entries of `candidates` in use.
+    pub candidate_count: u32,
+    /// The first this many candidates are of the lowest tier present.
+    pub lowest_tier_count: u32,
+    /// `SCHEDULER_*`.
+    pub scheduler: u32,
     pub slots: [Backend; MAX_BACKENDS as usize],
+    /// The eligible slots, packed and sorted by tier, with what choosing
+    /// among them needs: the data path's scan reads only these. Built from
+    /// `slots` by `index_candidates`.
+    pub candidates: [Candidate; MAX_BACKENDS as usize],
 }
 
 impl Default for BackendSet {
     fn default() -> Self {
-        Self { len: 0, _pad: 0, slots: [Backend::default(); MAX_BACKENDS as usize] }
+        Self {
+            len: 0,
+            candidate_count: 0,
+            lowest_tier_count: 0,
+            scheduler: SCHEDULER_LEAST_CONN,
+            slots: [Backend::default(); MAX_BACKENDS as usize],
+            candidates: [Candidate::default(); MAX_BACKENDS as usize],
+        }
     }
+}
+
+impl BackendSet {
+    /// Rebuilds `candidates` from `slots`: every eligible slot with a weight,
+    /// lowest tier first.
+    pub fn index_candidates(&mut self) {
+        let mut count = 0;
+        for (slot, b) in self.slots.iter().enumerate().take(self.len.min(MAX_BACKENDS) as usize) {
+            if b.flags & BACKEND_ELIGIBLE == 0 || b.weight == 0 {
+                continue;
+            }
+            self.candidates[count] = Candidate {
+                per_connection: WEIGHT_SCALE / b.weight,
+                cap: if b.max_conns == 0 { u32::MAX } else { b.max_conns },
+                slot: slot as u16,
+                // The scheduler's sort key has two bits for it.
+                tier: b.tier.min(3),
+                _pad: 0,
+            };
+            count += 1;
+        }
+        let candidates = &mut self.candidates[..count];
+        candidates.sort_unstable_by_key(|c| (c.tier, c.slot));
+        let lowest = candidates.first().map(|c| c.tier);
+        self.lowest_tier_count = candidates.iter().take_while(|c| Some(c.tier) == lowest).count() as u32;
+        self.candidate_count = count as u32;
+        self.candidates[count..].fill(Candidate::default());
+    }
+}
+
+/// `Candidate::per_connection` is this divided by the weight, so that
+/// "fewest connections per unit of weight" compares products, not quotients.
+/// Exact to within 0.1 % for weights up to 1,000.
+pub const WEIGHT_SCALE: u32 = 1 << 20;
+
+/// An eligible backend slot as the scheduler sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// The load one active connection puts on this backend: `WEIGHT_SCALE / weight`.
+    pub per_connection: u32,
+    /// Takes no new flow at this many active connections (`u32::MAX`: no cap).
+    pub cap: u32,
+    pub slot: u16,
+    pub tier: u8,
+    pub _pad: u8,
 }
 
 /// Active connections per backend slot of one service. Only the data path
@@ -323,6 +392,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
+        assert_eq!(size_of::<Candidate>(), 12);
+        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<Timeouts>(), 32);
@@ -338,5 +409,34 @@ mod tests {
         assert!(flow_closed(FLOW_CLIENT_FIN | FLOW_BACKEND_FIN));
         assert!(flow_closed(FLOW_RESET));
         assert!(flow_closed(FLOW_EXPIRED));
+    }
+
+    #[test]
+    fn candidates_are_the_eligible_slots_lowest_tier_first() {
+        let mut set = BackendSet { len: 5, ..Default::default() };
+        let backend = |tier, weight, eligible: bool, max_conns| Backend {
+            addr: 1,
+            port: 1,
+            flags: if eligible { BACKEND_ELIGIBLE } else { 0 },
+            tier,
+            weight,
+            max_conns,
+        };
+        set.slots[0] = backend(1, 1, true, 0);
+        set.slots[1] = backend(0, 4, true, 7);
+        set.slots[2] = backend(0, 1, false, 0);
+        set.slots[3] = backend(0, 0, true, 0);
+        set.slots[4] = backend(0, 1, true, 0);
+        set.index_candidates();
+        let slots: [u16; 3] = core::array::from_fn(|i| set.candidates[i].slot);
+        assert_eq!((set.candidate_count, set.lowest_tier_count, slots), (3, 2, [1, 4, 0]));
+        assert_eq!(set.candidates[0].per_connection, WEIGHT_SCALE / 4);
+        assert_eq!((set.candidates[0].cap, set.candidates[1].cap), (7, u32::MAX));
+        // Only backups left: they are the lowest tier present.
+        set.slots[1].flags = 0;
+        set.slots[4].flags = 0;
+        set.index_candidates();
+        assert_eq!((set.candidate_count, set.lowest_tier_count, set.candidates[0].slot), (1, 1, 0));
+        assert_eq!(set.candidates[1], Candidate::default());
     }
 }

@@ -1,23 +1,39 @@
-//! Weighted least connections (IPVS `wlc`): the eligible backend with the
-//! fewest active connections per unit of weight, lowest tier first, never
-//! one at its `max_conns` cap.
+//! Weighted least connections: the eligible backend with the fewest active
+//! connections per unit of weight, lowest tier first, never one at its
+//! `max_conns` cap. Over every candidate (`least_conn`, IPVS `wlc`), or
+//! between two picked at random (`random_two_least_conn`, nginx's
+//! `random two least_conn`), whose cost does not grow with the pool.
 //!
-//! The scan runs under `bpf_loop`, so the verifier checks its body once
-//! whatever the number of backends (an unrolled 256-slot scan exceeds its
-//! budget), and the kernel inlines the loop.
+//! The agent keeps a packed list of the eligible backends (`candidates`),
+//! lowest tier first, so the scan reads nothing else. Each candidate gets a
+//! sort key, and the smallest wins:
+//!
+//! ```text
+//!   tier << 61 | (active × WEIGHT_SCALE / weight) << 8 | position after a random start
+//! ```
+//!
+//! The position breaks ties in favour of the first candidate after a random
+//! start, so ties (all idle, say) spread over every backend instead of
+//! piling onto the first.
+//!
+//! The full scan runs under `bpf_loop`, so the verifier checks its body once
+//! whatever the number of backends, and the kernel inlines the loop.
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
-use lb_common::{ActiveCounts, Backend, BackendSet, BACKEND_ELIGIBLE, MAX_BACKENDS};
+use lb_common::{ActiveCounts, Backend, BackendSet, MAX_BACKENDS, SCHEDULER_RANDOM_TWO};
 
 use crate::maps::{ACTIVE, BACKENDS};
 
-const SLOT_MASK: u32 = MAX_BACKENDS - 1;
+const INDEX_MASK: u32 = MAX_BACKENDS - 1;
 
 /// Means: no slot.
 // Plain integers rather than Options here: LLVM leaves an Option's unused
 // payload undefined, and the verifier rejects reading it when spilled.
 pub const NO_SLOT: u32 = u32::MAX;
+
+/// Above every real key (tiers are below 4, so keys are below 2^63).
+const NO_KEY: u64 = i64::MAX as u64;
 
 pub struct Choice {
     pub slot: u16,
@@ -28,14 +44,11 @@ pub struct Choice {
 struct Scan {
     set: *const BackendSet,
     counts: *const ActiveCounts,
-    len: u32,
+    count: u32,
     start: u32,
     avoid: u32,
-    best: u32,
-    best_tier: u32,
     _pad: u32,
-    best_active: u64,
-    best_weight: u64,
+    best: u64,
 }
 
 /// `avoid` is a slot not to choose (the backend that left a SYN unanswered)
@@ -44,76 +57,68 @@ struct Scan {
 pub fn choose(service: u32, avoid: u32) -> Option<Choice> {
     let set = BACKENDS.get_ptr(service)?;
     let counts = ACTIVE.get_ptr(service)?;
-    let len = unsafe { (*set).len };
-    if len == 0 || len > MAX_BACKENDS {
+    let count = unsafe { (*set).candidate_count };
+    if count == 0 || count > MAX_BACKENDS {
         return None;
     }
-    let mut scan = Scan {
-        set,
-        counts,
-        len,
-        // Start at a random slot so that ties (all idle, say) spread over
-        // every backend instead of piling onto the first.
-        start: unsafe { bpf_get_prandom_u32() } % len,
-        avoid,
-        best: NO_SLOT,
-        best_tier: 0,
-        _pad: 0,
-        best_active: 0,
-        best_weight: 1,
-    };
-    let steps = len.div_ceil(SLOTS_PER_STEP);
-    unsafe { bpf_loop(steps, step as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0) };
-    if scan.best == NO_SLOT {
-        return None;
+    let random = unsafe { bpf_get_prandom_u32() };
+    let mut scan = Scan { set, counts, count, start: 0, avoid, _pad: 0, best: NO_KEY };
+    let lowest_tier = unsafe { (*set).lowest_tier_count };
+    if unsafe { (*set).scheduler } == SCHEDULER_RANDOM_TWO && lowest_tier >= 2 && lowest_tier <= count {
+        // Two distinct candidates of the lowest tier; if neither can take
+        // the flow, the full scan below finds one that can.
+        let first = random % lowest_tier;
+        let second = (first + 1 + (random >> 16) % (lowest_tier - 1)) % lowest_tier;
+        // Opaque, so LLVM keeps the index mask the verifier needs (it
+        // proves the mask redundant here and would drop it).
+        consider(&mut scan, core::hint::black_box(first));
+        consider(&mut scan, core::hint::black_box(second));
     }
-    Some(Choice { slot: scan.best as u16, backend: unsafe { (*set).slots[(scan.best & SLOT_MASK) as usize] } })
+    if scan.best == NO_KEY {
+        scan.start = random % count;
+        let steps = count.div_ceil(CANDIDATES_PER_STEP);
+        unsafe { bpf_loop(steps, step as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0) };
+        if scan.best == NO_KEY {
+            return None;
+        }
+    }
+    let index = (scan.best as u32).wrapping_add(scan.start) & INDEX_MASK;
+    let slot = unsafe { (*set).candidates[index as usize].slot } as u32 & INDEX_MASK;
+    Some(Choice { slot: slot as u16, backend: unsafe { (*set).slots[slot as usize] } })
 }
 
-/// Slots one `bpf_loop` step looks at: the loop calls its callback once per
-/// step, and that call is most of a one-slot step's cost.
-const SLOTS_PER_STEP: u32 = 4;
+/// Candidates one `bpf_loop` step looks at: the loop calls its callback once
+/// per step, and that call costs about as much as a candidate.
+const CANDIDATES_PER_STEP: u32 = 8;
 
-/// One step of the scan: `SLOTS_PER_STEP` slots from the random start.
 #[inline(never)]
 extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
-    for j in 0..SLOTS_PER_STEP {
-        let k = (i as u32).wrapping_mul(SLOTS_PER_STEP).wrapping_add(j);
-        if k >= scan.len {
+    for j in 0..CANDIDATES_PER_STEP {
+        let index = (i as u32).wrapping_mul(CANDIDATES_PER_STEP).wrapping_add(j);
+        if index >= scan.count {
             break;
         }
-        consider(scan, k);
+        consider(scan, index);
     }
     0
 }
 
-/// The k-th slot from the random start.
 #[inline(always)]
-fn consider(scan: &mut Scan, k: u32) {
-    let mut slot = scan.start.wrapping_add(k);
-    if slot >= scan.len {
-        slot = slot.wrapping_sub(scan.len);
-    }
-    let slot = slot & SLOT_MASK;
-    let backend = unsafe { &(*scan.set).slots[slot as usize] };
-    if backend.flags & BACKEND_ELIGIBLE == 0 || backend.weight == 0 || slot == scan.avoid {
+fn consider(scan: &mut Scan, index: u32) {
+    let candidate = unsafe { &(*scan.set).candidates[(index & INDEX_MASK) as usize] };
+    let slot = candidate.slot as u32 & INDEX_MASK;
+    // The low half of the count: below 2^32, times at most WEIGHT_SCALE =
+    // 2^20, keeps the key from overflowing.
+    let active = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize] as *const u64 as *const u32) };
+    // Both rare, so these branches are predicted.
+    if slot == scan.avoid || active >= candidate.cap {
         return;
     }
-    let active = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize]) };
-    if backend.max_conns != 0 && active >= backend.max_conns as u64 {
-        return;
-    }
-    let weight = backend.weight as u64;
-    let tier = backend.tier as u32;
-    // active/weight < best_active/best_weight, without division.
-    let better = scan.best == NO_SLOT
-        || tier < scan.best_tier
-        || (tier == scan.best_tier && active * scan.best_weight < scan.best_active * weight);
-    if better {
-        scan.best = slot;
-        scan.best_tier = tier;
-        scan.best_active = active;
-        scan.best_weight = weight;
+    let load = active as u64 * candidate.per_connection as u64;
+    let position = index.wrapping_sub(scan.start) & INDEX_MASK;
+    let key = (candidate.tier as u64) << 61 | load << 8 | position as u64;
+    if key < scan.best {
+        scan.best = key;
     }
 }

@@ -342,7 +342,7 @@ impl Balancer {
             self.services.push(ServiceState {
                 name: format!("(adopted {vip})"),
                 vip,
-                scheduler: Scheduler::LeastConn,
+                scheduler: Scheduler::from_wire(set.scheduler),
                 mode: Mode::Nat,
                 health: None,
                 on_down: DownPolicy::Keep,
@@ -808,7 +808,11 @@ fn flow_state_name(state: u32, replied: bool) -> &'static str {
 fn write_backends(datapath: &mut Datapath, service: &mut ServiceState, now: Instant) -> Result<()> {
     let counts = datapath.active_counts(service.id)?;
     let set = backend_set(service, &counts.active, now);
-    if service.written.as_deref().is_some_and(|w| w.len == set.len && w.slots == set.slots) {
+    if service
+        .written
+        .as_deref()
+        .is_some_and(|w| w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots)
+    {
         return Ok(());
     }
     datapath.set_backends(service.id, &set)?;
@@ -826,7 +830,8 @@ fn backend_set(service: &ServiceState, active: &[u64], now: Instant) -> BackendS
             .filter(|(_, m)| m.eligible && m.config.backup == backup)
             .fold((0, 0), |(a, w), (i, m)| (a + active[i], w + m.config.weight as u64))
     };
-    let mut set = BackendSet { len: service.slots.len() as u32, ..Default::default() };
+    let mut set =
+        BackendSet { len: service.slots.len() as u32, scheduler: service.scheduler.wire(), ..Default::default() };
     for (i, m) in service.members() {
         let mut max_conns = m.config.max_conns;
         if let Some(ramp) = m.ramp(now).filter(|r| *r < 1.0) {
@@ -844,5 +849,6 @@ fn backend_set(service: &ServiceState, active: &[u64], now: Instant) -> BackendS
             max_conns,
         };
     }
+    set.index_candidates();
     set
 }

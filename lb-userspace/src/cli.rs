@@ -90,6 +90,9 @@ enum ServiceCommand {
         name: String,
         /// VIP and port, as in 198.18.0.100:80.
         vip: SocketAddrV4,
+        /// How new flows choose a backend.
+        #[arg(long, value_enum, default_value_t = Scheduler::LeastConn)]
+        scheduler: Scheduler,
     },
     /// Remove a service; its established flows finish undisturbed.
     Remove { name: String },
@@ -229,11 +232,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Service(ServiceCommand::Add { name, vip }) => {
+        Command::Service(ServiceCommand::Add { name, vip, scheduler }) => {
             let service = ServiceConfig {
                 name,
                 vip,
-                scheduler: Scheduler::LeastConn,
+                scheduler,
                 mode: Mode::Nat,
                 health: None,
                 on_backend_down: Default::default(),

@@ -92,12 +92,35 @@ impl TimeoutConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Scheduler {
-    /// Weighted least connections.
+    /// Weighted least connections over every backend (nginx `least_conn`,
+    /// IPVS `wlc`).
     #[default]
     LeastConn,
+    /// Weighted least connections between two backends picked at random
+    /// (nginx `random two least_conn`): a new connection costs the same
+    /// whatever the pool's size; for pools of many dozens of backends.
+    RandomTwoLeastConn,
+}
+
+impl Scheduler {
+    /// The data path's `SCHEDULER_*` value.
+    pub fn wire(self) -> u32 {
+        match self {
+            Scheduler::LeastConn => lb_common::SCHEDULER_LEAST_CONN,
+            Scheduler::RandomTwoLeastConn => lb_common::SCHEDULER_RANDOM_TWO,
+        }
+    }
+
+    pub fn from_wire(value: u32) -> Self {
+        match value {
+            lb_common::SCHEDULER_RANDOM_TWO => Scheduler::RandomTwoLeastConn,
+            _ => Scheduler::LeastConn,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -145,6 +168,7 @@ impl std::fmt::Display for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Scheduler::LeastConn => "least_conn",
+            Scheduler::RandomTwoLeastConn => "random_two_least_conn",
         })
     }
 }

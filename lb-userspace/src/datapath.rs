@@ -61,7 +61,7 @@ pub struct Datapath {
 /// Bump when a map's key or value layout changes: pinned maps of another
 /// layout are then left alone (an upgrade across it starts with an empty
 /// connection table) instead of being misread.
-const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSION: u32 = 3;
 const MAP_NAMES: [&str; 6] = ["SERVICES", "BACKENDS", "ACTIVE", "FLOWS", "COUNTERS", "BACKEND_STATS"];
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 

@@ -57,11 +57,15 @@ pub fn routed_host(backends: usize) -> Netns {
 
 /// A freshly loaded program serving VIP over backends with `weights`.
 pub fn balancer(weights: &[u32], max_flows: u32) -> Balancer {
+    balancer_scheduling(weights, max_flows, Scheduler::LeastConn)
+}
+
+pub fn balancer_scheduling(weights: &[u32], max_flows: u32, scheduler: Scheduler) -> Balancer {
     let mut balancer = Balancer::new(Datapath::load(max_flows).expect("load the XDP program"));
     let service = ServiceConfig {
         name: "web".into(),
         vip: VIP,
-        scheduler: Scheduler::LeastConn,
+        scheduler,
         mode: Mode::Nat,
         health: None,
         on_backend_down: Default::default(),
@@ -82,10 +86,19 @@ pub fn client(port: u16) -> SocketAddrV4 {
 /// A routed namespace and a fresh program serving VIP over backends with
 /// `weights`, for one test.
 pub fn with_balancer<T: Send>(weights: &[u32], test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
+    with_balancer_scheduling(weights, Scheduler::LeastConn, test)
+}
+
+/// `with_balancer`, the service choosing backends by `scheduler`.
+pub fn with_balancer_scheduling<T: Send>(
+    weights: &[u32],
+    scheduler: Scheduler,
+    test: impl FnOnce(&mut Balancer) -> T + Send,
+) -> T {
     let _serial = serial();
     let ns = routed_host(weights.len().max(4));
     let weights = weights.to_vec();
-    ns.run(move || test(&mut balancer(&weights, 1024)))
+    ns.run(move || test(&mut balancer_scheduling(&weights, 1024, scheduler)))
 }
 
 /// The program's verdict on `frame`, and the frame it let out.

@@ -11,12 +11,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb::{
     balancer::Balancer,
+    config::Scheduler,
     datapath::{XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::Counter;
 use lb_tests::{
     packet::{Tcp, ACK, SYN},
-    routed::{balancer, routed_host, CLIENT, VIP},
+    routed::{balancer, balancer_scheduling, routed_host, CLIENT, VIP},
 };
 
 const CALLS: usize = 20_000;
@@ -88,6 +89,8 @@ pub fn run() -> String {
             add(&format!("new flow (SYN), {backends} backends"), time(&b, &syns(0, CALLS), false, XDP_REDIRECT));
             assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
         }
+        let b = balancer_scheduling(&[1; 256], 1_000_000, Scheduler::RandomTwoLeastConn);
+        add("new flow (SYN), 256 backends, random_two_least_conn", time(&b, &syns(0, CALLS), false, XDP_REDIRECT));
 
         // A 1,000,000-flow table, 90 % full.
         let mut b = balancer(&vec![1; 256], 1_000_000);
