@@ -208,20 +208,58 @@ pub struct Flow {
     pub l4_csum_diff: u16,
     /// The next hop from the last successful route lookup for this
     /// direction (0: none yet): egress interface, then destination and
-    /// source MAC addresses, and when it was looked up. Reused for
-    /// `NEXT_HOP_TTL_NS`, so most packets skip the route lookup.
+    /// source MAC addresses, and when it was looked up (`Clock` ticks).
+    /// Reused for `Clock::hop_ttl`, so most packets skip the route lookup.
     pub hop_ifindex: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction;
-    /// 0 in a reply entry until the backend has answered.
+    /// When the last packet in this direction came (`Clock` ticks); 0 in a
+    /// reply entry until the backend has answered.
     pub last_seen: u64,
     pub hop_macs: [u8; 12],
     pub _pad2: u32,
     pub hop_at: u64,
 }
 
-/// How long a flow's cached next hop is used before the route is looked up
-/// again: route and neighbour changes take effect within this time.
-pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// The data path's clock is the kernel's jiffies counter (`bpf_jiffies64`),
+/// which ticks HZ times a second (100 to 1000, fixed when the kernel is
+/// built): reading it costs a fraction of a nanosecond-clock read, and a
+/// flow's times need no finer grain. The agent measures HZ when it loads the
+/// program and writes this for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub ticks_per_second: u64,
+    /// How long a flow's cached next hop is used before the route is looked
+    /// up again (1 s): route and neighbour changes take effect within it.
+    pub hop_ttl: u64,
+    /// A flow's `last_seen` is refreshed at most this often (0.25 s), to
+    /// keep its cache line clean on most packets.
+    pub touch_every: u64,
+}
+
+impl Clock {
+    pub fn new(ticks_per_second: u64) -> Self {
+        Self { ticks_per_second, hop_ttl: ticks_per_second, touch_every: (ticks_per_second / 4).max(1) }
+    }
+
+    /// Nanoseconds to ticks, rounded up so a timeout is never shortened.
+    pub fn ticks(&self, ns: u64) -> u64 {
+        (ns as u128 * self.ticks_per_second as u128).div_ceil(1_000_000_000).min(u64::MAX as u128) as u64
+    }
+
+    pub fn seconds(&self, ticks: u64) -> f64 {
+        ticks as f64 / self.ticks_per_second.max(1) as f64
+    }
+
+    /// `timeouts` (nanoseconds) in ticks.
+    pub fn timeouts(&self, timeouts: &Timeouts) -> Timeouts {
+        Timeouts {
+            syn: self.ticks(timeouts.syn),
+            established: self.ticks(timeouts.established),
+            fin: self.ticks(timeouts.fin),
+            closed: self.ticks(timeouts.closed),
+        }
+    }
+}
 
 /// Traffic per backend slot, per CPU.
 #[repr(C)]
@@ -303,7 +341,8 @@ impl Default for Counters {
     }
 }
 
-/// Idle timeouts in nanoseconds, by flow state.
+/// Idle timeouts by flow state: in nanoseconds in the agent, in `Clock`
+/// ticks on the way to the data path (`Clock::timeouts`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timeouts {
@@ -347,6 +386,10 @@ pub struct ExpireRequest {
     pub count: u32,
     /// Written by the program: how many of the flows it expired.
     pub expired: u32,
+    /// Written by the program: its clock (`Clock` ticks) and
+    /// CLOCK_MONOTONIC (ns) when it ran.
+    pub now: u64,
+    pub now_ns: u64,
     pub keys: [FlowKey; EXPIRE_BATCH],
 }
 
@@ -365,6 +408,8 @@ impl Default for ExpireRequest {
             _pad: 0,
             count: 0,
             expired: 0,
+            now: 0,
+            now_ns: 0,
             keys: [FlowKey::default(); EXPIRE_BATCH],
         }
     }
@@ -380,7 +425,7 @@ mod pod {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    pod!(ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts, ExpireRequest);
+    pod!(ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts, ExpireRequest, Clock);
 }
 
 #[cfg(test)]
@@ -397,7 +442,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<Timeouts>(), 32);
-        assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 12 * EXPIRE_BATCH);
+        assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 16 + 12 * EXPIRE_BATCH);
+        assert_eq!(size_of::<Clock>(), 24);
         assert_eq!(COUNTER_NAMES.len(), Counter::Fragment as usize + 1);
     }
 

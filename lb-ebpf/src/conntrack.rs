@@ -14,6 +14,7 @@ use lb_common::{
 
 use crate::{
     atomic,
+    clock::Now,
     maps::{ACTIVE, FLOWS, SERVICES},
     nat::csum_diffs,
     parse::{TcpPacket, TCP_FIN, TCP_RST},
@@ -21,9 +22,6 @@ use crate::{
 };
 
 const EEXIST: i32 = 17;
-/// `last_seen` is refreshed at most this often (ns), to keep the flow's cache
-/// line clean on most packets.
-const TOUCH_EVERY_NS: u64 = 1 << 28;
 const FLAG_BITS: u32 = FLOW_GENERATION_ONE - 1;
 
 #[inline(always)]
@@ -47,7 +45,7 @@ pub enum Tracked {
 
 /// Bookkeeping for a packet of a known flow.
 #[inline(always)]
-pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) -> Tracked {
+pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: &Now) -> Tracked {
     let last_seen = unsafe { (*flow).last_seen };
     let direction = unsafe { (*flow).direction };
     if direction == DIR_REPLY && last_seen == 0 && pkt.flags & TCP_RST != 0 {
@@ -60,8 +58,8 @@ pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: u64) -> Track
             return Tracked::RefusalSwallowed;
         }
     }
-    if now.wrapping_sub(last_seen) > TOUCH_EVERY_NS {
-        unsafe { (*flow).last_seen = now };
+    if now.ticks.wrapping_sub(last_seen) >= now.touch_every {
+        unsafe { (*flow).last_seen = now.ticks };
     }
     if pkt.flags & (TCP_FIN | TCP_RST) == 0 {
         return Tracked::Forward;

@@ -10,9 +10,10 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, NEXT_HOP_TTL_NS, PROTO_TCP};
+use lb_common::{Counter, Flow, PROTO_TCP};
 
 use crate::{
+    clock::Now,
     csum::{apply, diff16},
     parse::TcpPacket,
 };
@@ -28,13 +29,13 @@ pub struct Sent {
 /// (`entry`: its table entry, where a fresh route lookup is cached; `None`
 /// for the first packet of a flow).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut Flow>, now: u64) -> Sent {
+pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut Flow>, now: &Now) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
     if ip.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
-    if flow.hop_ifindex != 0 && now.wrapping_sub(flow.hop_at) < NEXT_HOP_TTL_NS {
+    if flow.hop_ifindex != 0 && now.ticks.wrapping_sub(flow.hop_at) < now.hop_ttl {
         return out(pkt, flow.hop_ifindex, &flow.hop_macs);
     }
     let mut fib: FibParams = unsafe { mem::zeroed() };
@@ -69,7 +70,7 @@ pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut F
     if let Some(entry) = entry {
         unsafe {
             (*entry).hop_macs = macs;
-            (*entry).hop_at = now;
+            (*entry).hop_at = now.ticks;
             (*entry).hop_ifindex = fib.ifindex;
         }
     }

@@ -5,6 +5,7 @@
 #![feature(core_intrinsics)]
 
 mod atomic;
+mod clock;
 mod conntrack;
 mod csum;
 mod forward;
@@ -17,12 +18,12 @@ mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::xdp,
     programs::XdpContext,
 };
 use conntrack::Opened;
-use lb_common::{Counter, ExpireRequest, EXPIRE_BATCH, EXPIRE_RESET};
+use lb_common::{Counter, ExpireRequest, Flow, EXPIRE_BATCH, EXPIRE_RESET};
 use parse::Parsed;
 use schedule::NO_SLOT;
 
@@ -55,12 +56,17 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
 
     // Look up the flow; on a SYN that opens one, choose a backend.
     let key = pkt.key();
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let existing = conntrack::lookup(&key);
+    if existing.is_none() && !pkt.is_syn() {
+        // Not a flow of ours: the host's own traffic, or a stray segment the
+        // kernel will answer.
+        return PASS;
+    }
+    let now = clock::now();
     let mut opened = None;
     if pkt.is_syn() {
         if let Some(avoid) = conntrack::syn_opens(&key, existing) {
-            match conntrack::open(&key, existing, now, avoid) {
+            match conntrack::open(&key, existing, now.ticks, avoid) {
                 Opened::Flow(flow) => {
                     if avoid != NO_SLOT {
                         stats::count(Counter::SynRetried);
@@ -78,31 +84,32 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
             }
         }
     }
-    let (flow, entry) = match (opened, existing) {
+    let (flow, entry): (&Flow, _) = match (&opened, existing) {
         (Some(flow), _) => (flow, None),
         (None, Some(entry)) => {
-            let flow = unsafe { *entry };
-            if conntrack::answer_with_reset(&flow) && pkt.flags & parse::TCP_RST == 0 {
+            // Read in place: the entry is the packet's own flow, and copying
+            // it costs more than the fields used.
+            let flow = unsafe { &*entry };
+            if conntrack::answer_with_reset(flow) && pkt.flags & parse::TCP_RST == 0 {
                 let action = reset::answer(ctx, &pkt);
                 return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
             }
-            if let conntrack::Tracked::RefusalSwallowed = conntrack::track(&pkt, &key, entry, now) {
+            if let conntrack::Tracked::RefusalSwallowed = conntrack::track(&pkt, &key, entry, &now) {
                 stats::count(Counter::RefusalSwallowed);
                 return DROP;
             }
             (flow, Some(entry))
         }
-        // Not a flow of ours: the host's own traffic, or a stray segment the
-        // kernel will answer.
+        // A SYN for no service.
         (None, None) => return PASS,
     };
 
     // Rewrite.
-    nat::rewrite(&pkt, &flow);
-    stats::count_packet(&flow, pkt.len);
+    nat::rewrite(&pkt, flow);
+    stats::count_packet(flow, pkt.len);
 
     // Send.
-    let sent = forward::send(ctx, &pkt, &flow, entry, now);
+    let sent = forward::send(ctx, &pkt, flow, entry, &now);
     (sent.action, sent.counter)
 }
 
@@ -116,7 +123,11 @@ pub fn lb_expire(ctx: XdpContext) -> u32 {
         return XDP_ABORTED;
     }
     let request = start as *mut ExpireRequest;
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() };
+    unsafe {
+        (*request).now = now;
+        (*request).now_ns = bpf_ktime_get_ns();
+    }
     let timeouts = unsafe { (*request).timeouts };
     let count = unsafe { (*request).count } as usize;
     let mode = unsafe { (*request).mode };

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Counters, Flow, FlowKey, Service, ServiceKey,
+    ActiveCounts, BackendSet, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 
@@ -32,3 +32,7 @@ pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
+
+/// Written by the agent when it loads the program.
+#[map]
+pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);

@@ -9,13 +9,6 @@ use lb_common::{flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_REPLY};
 
 use crate::datapath::Datapath;
 
-/// The clock `bpf_ktime_get_coarse_ns` reads.
-pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The key of a forward flow's reply entry.
 pub fn reply_key(forward_key: &FlowKey, forward: &Flow) -> FlowKey {
     FlowKey {
@@ -42,8 +35,10 @@ pub struct AgingReport {
 /// One aging scan. `look_for_orphans` also removes reply entries whose
 /// forward entry is gone (a safety net that costs a set of every flow, so
 /// the agent does it now and then).
+/// `timeouts` are in nanoseconds.
 pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool) -> Result<AgingReport> {
-    let now = monotonic_coarse_ns();
+    let now = datapath.now_ticks()?;
+    let ticks = datapath.clock().timeouts(timeouts);
     let entries = datapath.flows();
     let mut report = AgingReport::default();
 
@@ -53,7 +48,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
     for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_FORWARD) {
         report.flows += 1;
         let idle = now.saturating_sub(flow.last_seen);
-        let shortest = flow_timeout(timeouts, flow.state, false).min(flow_timeout(timeouts, flow.state, true));
+        let shortest = flow_timeout(&ticks, flow.state, false).min(flow_timeout(&ticks, flow.state, true));
         if idle >= shortest {
             candidates.insert(reply_key(key, flow), (*key, flow, 0));
         }
@@ -68,7 +63,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
             .values()
             .filter(|(_, flow, replied_at)| {
                 let last = flow.last_seen.max(*replied_at);
-                now.saturating_sub(last) >= flow_timeout(timeouts, flow.state, *replied_at != 0)
+                now.saturating_sub(last) >= flow_timeout(&ticks, flow.state, *replied_at != 0)
             })
             .map(|(key, _, _)| *key)
             .collect();

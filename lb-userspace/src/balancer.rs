@@ -719,7 +719,8 @@ impl Balancer {
     }
 
     pub fn conntrack(&self) -> Vec<FlowStatus> {
-        let now = crate::aging::monotonic_coarse_ns();
+        let clock = self.datapath.clock();
+        let now = self.datapath.now_ticks().unwrap_or(0);
         let entries: std::collections::HashMap<_, _> = self.datapath.flows().into_iter().collect();
         let mut flows = Vec::new();
         for (key, flow) in &entries {
@@ -738,7 +739,7 @@ impl Balancer {
                 vip: host_socket(key.daddr, key.dport).to_string(),
                 backend: host_socket(flow.nat_addr, flow.nat_port).to_string(),
                 state: flow_state_name(flow.state, replied_at != 0).to_string(),
-                idle_seconds: now.saturating_sub(flow.last_seen.max(replied_at)) as f64 / 1e9,
+                idle_seconds: clock.seconds(now.saturating_sub(flow.last_seen.max(replied_at))),
             });
         }
         flows.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));

@@ -4,6 +4,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Counters, ExpireRequest, Flow, FlowKey, Service,
+    ActiveCounts, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
     ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, MAX_BACKENDS,
     PROTO_TCP,
 };
@@ -56,6 +57,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     max_flows: u32,
+    clock: Clock,
 }
 
 /// Bump when a map's key or value layout changes: pinned maps of another
@@ -185,8 +187,11 @@ impl Datapath {
             counters: take("COUNTERS")?.try_into()?,
             backend_stats: take("BACKEND_STATS")?.try_into()?,
             max_flows,
+            clock: Clock::default(),
             ebpf,
         };
+        let mut datapath = datapath;
+        datapath.set_clock()?;
         Ok((datapath, reused))
     }
 
@@ -316,9 +321,9 @@ impl Datapath {
     }
 
     /// Asks the kernel to expire these forward flows if they are still idle
-    /// by `timeouts`; returns how many it removed.
+    /// by `timeouts` (ns); returns how many it removed.
     pub fn expire(&self, keys: &[FlowKey], timeouts: &Timeouts) -> Result<u32> {
-        self.run_expire(keys, timeouts, EXPIRE_IDLE)
+        self.run_expire(keys, &self.clock.timeouts(timeouts), EXPIRE_IDLE)
     }
 
     /// Closes these live forward flows now: their counts are released and
@@ -328,27 +333,68 @@ impl Datapath {
         self.run_expire(keys, &Timeouts::default(), EXPIRE_RESET)
     }
 
+    /// The data path's clock (see `Clock`).
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// The data path's clock now, in ticks.
+    pub fn now_ticks(&self) -> Result<u64> {
+        Ok(self.read_clock()?.0)
+    }
+
+    /// Ticks and CLOCK_MONOTONIC nanoseconds, read together by the kernel.
+    fn read_clock(&self) -> Result<(u64, u64)> {
+        let done = self.run_expire_batch(&[], &Timeouts::default(), EXPIRE_IDLE)?;
+        Ok((done.now, done.now_ns))
+    }
+
+    /// Measures how fast the data path's clock ticks (the kernel's HZ) and
+    /// tells the program.
+    fn set_clock(&mut self) -> Result<()> {
+        const SPAN: Duration = Duration::from_millis(60);
+        let (ticks_before, ns_before) = self.read_clock()?;
+        std::thread::sleep(SPAN);
+        let (ticks_after, ns_after) = self.read_clock()?;
+        let measured = (ticks_after - ticks_before) as f64 * 1e9 / (ns_after - ns_before).max(1) as f64;
+        // Kernels are built with one of these; over 60 ms the reading is
+        // within a tick of it.
+        let nearest = [100.0, 250.0, 300.0, 1000.0]
+            .into_iter()
+            .min_by(|a: &f64, b: &f64| (a - measured).abs().total_cmp(&(b - measured).abs()))
+            .unwrap();
+        let hz = if (nearest - measured).abs() <= 0.15 * nearest { nearest } else { measured.round().max(1.0) };
+        self.clock = Clock::new(hz as u64);
+        let mut map: Array<&mut MapData, Clock> =
+            Array::try_from(self.ebpf.map_mut("CLOCK").context("map CLOCK missing from the object")?)?;
+        map.set(0, self.clock, 0)?;
+        tracing::debug!(measured, hz, "data path clock");
+        Ok(())
+    }
+
     fn run_expire(&self, keys: &[FlowKey], timeouts: &Timeouts, mode: u32) -> Result<u32> {
-        let prog = self.program("lb_expire")?;
         let mut expired = 0;
         for batch in keys.chunks(EXPIRE_BATCH) {
-            let mut request =
-                ExpireRequest { timeouts: *timeouts, mode, count: batch.len() as u32, ..Default::default() };
-            request.keys[..batch.len()].copy_from_slice(batch);
-            let input = bytemuck::bytes_of(&request).to_vec();
-            let mut output = input.clone();
-            let result = prog.test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut output),
-                ..Default::default()
-            })?;
-            if result.return_value != XDP_PASS {
-                bail!("the expire program refused its input");
-            }
-            let done: ExpireRequest = bytemuck::pod_read_unaligned(&output[..input.len()]);
-            expired += done.expired;
+            expired += self.run_expire_batch(batch, timeouts, mode)?.expired;
         }
         Ok(expired)
+    }
+
+    fn run_expire_batch(&self, batch: &[FlowKey], timeouts: &Timeouts, mode: u32) -> Result<ExpireRequest> {
+        let prog = self.program("lb_expire")?;
+        let mut request = ExpireRequest { timeouts: *timeouts, mode, count: batch.len() as u32, ..Default::default() };
+        request.keys[..batch.len()].copy_from_slice(batch);
+        let input = bytemuck::bytes_of(&request).to_vec();
+        let mut output = input.clone();
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut output),
+            ..Default::default()
+        })?;
+        if result.return_value != XDP_PASS {
+            bail!("the expire program refused its input");
+        }
+        Ok(bytemuck::pod_read_unaligned(&output[..input.len()]))
     }
 
     /// Runs the packet program once on `frame`, as if it arrived on the

@@ -27,6 +27,9 @@ struct Row {
     median: f64,
     p10: f64,
     p90: f64,
+    /// Of the middle 90 %: the kernel's clock steps by about 10 ns, so the
+    /// median moves in those steps while the mean resolves a few ns.
+    mean: f64,
 }
 
 fn time(b: &Balancer, frames: &[Vec<u8>], floor: bool, verdict: u32) -> Row {
@@ -40,7 +43,9 @@ fn time(b: &Balancer, frames: &[Vec<u8>], floor: bool, verdict: u32) -> Row {
         .collect();
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    Row { case: String::new(), median: at(0.5), p10: at(0.1), p90: at(0.9) }
+    let middle = &samples[samples.len() / 20..samples.len() - samples.len() / 20];
+    let mean = middle.iter().sum::<f64>() / middle.len() as f64;
+    Row { case: String::new(), median: at(0.5), p10: at(0.1), p90: at(0.9), mean }
 }
 
 /// A distinct client for the i-th new flow.
@@ -65,7 +70,7 @@ pub fn run() -> String {
         let mut rows = Vec::new();
         let mut add = |case: &str, mut row: Row| {
             row.case = case.to_string();
-            eprintln!("  {case}: {:.0} ns", row.median);
+            eprintln!("  {case}: {:.0} ns (mean {:.1})", row.median, row.mean);
             rows.push(row);
         };
         let b = balancer(&[1, 1, 1], 1_000_000);
@@ -120,11 +125,19 @@ pub fn run() -> String {
         rows
     });
 
-    let floor = rows[0].median;
+    let floor = rows[0].mean;
     let mut out = format!("BPF_PROG_TEST_RUN, one run per call, {CALLS} calls per case.\n\n");
-    out.push_str("| case | median ns | p10–p90 ns | over the floor |\n|---|---:|---:|---:|\n");
+    out.push_str("| case | median ns | p10–p90 ns | mean ns (middle 90 %) | mean over the floor |\n|---|---:|---:|---:|---:|\n");
     for r in &rows {
-        out.push_str(&format!("| {} | {:.0} | {:.0}–{:.0} | {:+.0} |\n", r.case, r.median, r.p10, r.p90, r.median - floor));
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.0}–{:.0} | {:.1} | {:+.1} |\n",
+            r.case,
+            r.median,
+            r.p10,
+            r.p90,
+            r.mean,
+            r.mean - floor
+        ));
     }
     if let Some((entries, read, scan, memory)) = scale {
         out.push_str(&format!(
