@@ -206,17 +206,24 @@ pub struct Flow {
     /// computed once when the flow is created.
     pub ip_csum_diff: u16,
     pub l4_csum_diff: u16,
-    /// The next hop from the last successful route lookup for this
-    /// direction (0: none yet): egress interface, then destination and
-    /// source MAC addresses, and when it was looked up (`Clock` ticks).
-    /// Reused for `Clock::hop_ttl`, so most packets skip the route lookup.
-    pub hop_ifindex: u32,
+    pub _pad2: u32,
     /// When the last packet in this direction came (`Clock` ticks); 0 in a
     /// reply entry until the backend has answered.
     pub last_seen: u64,
-    pub hop_macs: [u8; 12],
-    pub _pad2: u32,
-    pub hop_at: u64,
+    /// Where this direction's packets go; reused for `Clock::hop_ttl`, so
+    /// most packets skip the route lookup.
+    pub hop: NextHop,
+}
+
+/// A next hop from a successful route lookup (`ifindex` 0: none yet): the
+/// egress interface, the destination and source MAC addresses, and when it
+/// was looked up (`Clock` ticks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+    pub at: u64,
 }
 
 /// The data path's clock is the kernel's jiffies counter (`bpf_jiffies64`),
@@ -425,7 +432,7 @@ mod pod {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    pod!(ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts, ExpireRequest, Clock);
+    pod!(ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts, ExpireRequest, Clock, NextHop);
 }
 
 #[cfg(test)]
@@ -441,6 +448,7 @@ mod tests {
         assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 56);
+        assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<Timeouts>(), 32);
         assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 16 + 12 * EXPIRE_BATCH);
         assert_eq!(size_of::<Clock>(), 24);

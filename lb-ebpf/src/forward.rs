@@ -10,11 +10,12 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, PROTO_TCP};
+use lb_common::{Counter, Flow, NextHop, DIR_FORWARD, MAX_BACKENDS, PROTO_TCP};
 
 use crate::{
     clock::Now,
     csum::{apply, diff16},
+    maps::BACKEND_HOPS,
     parse::TcpPacket,
 };
 
@@ -26,8 +27,10 @@ pub struct Sent {
 }
 
 /// Sends the rewritten packet to its next hop. `flow` is the packet's flow
-/// (`entry`: its table entry, where a fresh route lookup is cached; `None`
-/// for the first packet of a flow).
+/// (`entry`: its table entry, where the next hop is cached; `None` for the
+/// first packet of a flow). A forward packet without a fresh hop of its own
+/// takes its backend's, so route lookups happen about once a second per
+/// backend and per flow's client, not per flow both ways.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut Flow>, now: &Now) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
@@ -35,9 +38,18 @@ pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut F
         // The kernel answers with ICMP time exceeded.
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
-    if flow.hop_ifindex != 0 && now.ticks.wrapping_sub(flow.hop_at) < now.hop_ttl {
-        return out(pkt, flow.hop_ifindex, &flow.hop_macs);
+    if fresh(&flow.hop, now) {
+        return out(pkt, &flow.hop);
     }
+    let backend_hop = if flow.direction == DIR_FORWARD { backend_hop(flow) } else { None };
+    if let Some(shared) = backend_hop {
+        let cached = unsafe { *shared };
+        if cached.addr == flow.nat_addr && fresh(&cached.hop, now) {
+            remember(entry, &cached.hop);
+            return out(pkt, &cached.hop);
+        }
+    }
+
     let mut fib: FibParams = unsafe { mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = PROTO_TCP;
@@ -64,22 +76,48 @@ pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut F
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
 
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    if let Some(entry) = entry {
-        unsafe {
-            (*entry).hop_macs = macs;
-            (*entry).hop_at = now.ticks;
-            (*entry).hop_ifindex = fib.ifindex;
-        }
+    let mut hop = NextHop { ifindex: fib.ifindex, macs: [0; 12], at: now.ticks };
+    hop.macs[..6].copy_from_slice(&fib.dmac);
+    hop.macs[6..].copy_from_slice(&fib.smac);
+    remember(entry, &hop);
+    if let Some(shared) = backend_hop {
+        unsafe { *shared = BackendHop { addr: flow.nat_addr, _pad: 0, hop } };
     }
-    out(pkt, fib.ifindex, &macs)
+    out(pkt, &hop)
+}
+
+#[inline(always)]
+fn fresh(hop: &NextHop, now: &Now) -> bool {
+    hop.ifindex != 0 && now.ticks.wrapping_sub(hop.at) < now.hop_ttl
+}
+
+#[inline(always)]
+fn remember(entry: Option<*mut Flow>, hop: &NextHop) {
+    if let Some(entry) = entry {
+        unsafe { (*entry).hop = *hop };
+    }
+}
+
+/// A backend's next hop, with the backend's address: a slot may have
+/// changed backends since (its old flows' trailing packets must not take the
+/// new one's hop).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BackendHop {
+    addr: u32,
+    _pad: u32,
+    hop: NextHop,
+}
+
+#[inline(always)]
+fn backend_hop(flow: &Flow) -> Option<*mut BackendHop> {
+    let index = flow.service as u32 * MAX_BACKENDS + (flow.slot as u32 & (MAX_BACKENDS - 1));
+    BACKEND_HOPS.get_ptr_mut(index)
 }
 
 /// Forwards as a router does (one hop less) out of `ifindex`.
 #[inline(always)]
-fn out(pkt: &TcpPacket, ifindex: u32, macs: &[u8; 12]) -> Sent {
+fn out(pkt: &TcpPacket, hop: &NextHop) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
     let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
@@ -87,13 +125,13 @@ fn out(pkt: &TcpPacket, ifindex: u32, macs: &[u8; 12]) -> Sent {
     ip.check = apply(u16::from_ne_bytes(ip.check), crate::csum::fold(diff16(old_word, new_word)))
         .to_ne_bytes();
     unsafe {
-        (*pkt.eth).dst_addr.copy_from_slice(&macs[..6]);
-        (*pkt.eth).src_addr.copy_from_slice(&macs[6..]);
+        (*pkt.eth).dst_addr.copy_from_slice(&hop.macs[..6]);
+        (*pkt.eth).src_addr.copy_from_slice(&hop.macs[6..]);
     }
     // A redirect even back out of the same interface, where XDP_TX would
     // be a little faster on a hardware NIC: a veth flushes XDP_TX frames to
     // its peer only when the peer runs an XDP program, so on veth (containers,
     // namespaces) they would be stuck.
-    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
     Sent { action, counter: Counter::VerdictRedirect }
 }

@@ -1,5 +1,6 @@
 //! The maps the program shares with the agent. Sizes here are defaults; the
 //! agent sets the connection table's size at load time.
+use crate::forward::BackendHop;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
@@ -36,3 +37,9 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// Written by the agent when it loads the program.
 #[map]
 pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);
+
+/// The next hop to each backend, indexed like `BACKEND_STATS`: a flow's first
+/// packets reuse it instead of a route lookup of their own. Shared, not per
+/// CPU: read on every new flow, written about once a second.
+#[map]
+pub static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);

@@ -319,5 +319,27 @@ fn the_next_hop_is_cached_per_flow_and_follows_a_neighbour_change_within_a_secon
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0), "within the TTL: the cached hop");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, [2, 0, 0, 0, 9, 9], "after it: looked up again");
+        // New flows share the backend's hop, and it too is the new one.
+        let (_, out) = run(b, &Tcp::new(client(40041), VIP, SYN).frame());
+        assert_eq!(inspect(&out).dst_mac, [2, 0, 0, 0, 9, 9]);
+    });
+}
+
+#[test]
+fn a_slot_given_to_another_backend_never_reuses_the_old_backends_hop() {
+    with_balancer(&[1], |b| {
+        open(b, 40050); // caches backend 0's hop for its slot
+        run(b, &Tcp::new(client(40050), VIP, FIN | ACK).frame());
+        run(b, &Tcp::new(backend(0), client(40050), FIN | ACK).frame());
+        assert_eq!(active(b), vec![0]);
+        b.remove_backend("web", backend(0)).unwrap();
+        b.add_backend("web", &lb::config::BackendConfig::new(backend(1), 1)).unwrap();
+        // Backend 1 takes the freed slot, within the hop's lifetime.
+        let (verdict, out) = run(b, &Tcp::new(client(40051), VIP, SYN).frame());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!((inspect(&out).dst, inspect(&out).dst_mac), (backend(1), backend_mac(1)));
+        // The old flow's trailing packets still go to backend 0.
+        let (_, out) = run(b, &Tcp::new(client(40050), VIP, ACK).frame());
+        assert_eq!((inspect(&out).dst, inspect(&out).dst_mac), (backend(0), backend_mac(0)));
     });
 }
