@@ -284,6 +284,21 @@ pub struct BackendStats {
     pub unanswered: u64,
 }
 
+impl BackendStats {
+    /// Field by field: for summing per-CPU values.
+    pub fn add(self, other: &Self) -> Self {
+        Self {
+            fwd_packets: self.fwd_packets + other.fwd_packets,
+            fwd_bytes: self.fwd_bytes + other.fwd_bytes,
+            reply_packets: self.reply_packets + other.reply_packets,
+            reply_bytes: self.reply_bytes + other.reply_bytes,
+            new_flows: self.new_flows + other.new_flows,
+            refused: self.refused + other.refused,
+            unanswered: self.unanswered + other.unanswered,
+        }
+    }
+}
+
 /// Program-wide counters, per CPU. Indexes into `Counters::values`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

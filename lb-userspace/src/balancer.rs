@@ -556,9 +556,9 @@ impl Balancer {
     pub fn tick(&mut self) -> Result<()> {
         let now = Instant::now();
         for s in &mut self.services {
-            for (i, slot) in s.slots.iter_mut().enumerate() {
+            let all_stats = self.datapath.service_backend_stats(s.id, s.slots.len())?;
+            for (slot, stats) in s.slots.iter_mut().zip(&all_stats) {
                 let Slot::Used(m) = slot else { continue };
-                let stats = self.datapath.backend_stats(s.id, i as u32)?;
                 let bytes = stats.fwd_bytes + stats.reply_bytes;
                 match m.sampled {
                     Some((at, connections, sampled_bytes)) if now.duration_since(at) >= RATE_INTERVAL => {
@@ -658,9 +658,10 @@ impl Balancer {
         let mut services = Vec::new();
         for s in &self.services {
             let counts = self.datapath.active_counts(s.id)?;
+            let all_stats = self.datapath.service_backend_stats(s.id, s.slots.len())?;
             let mut backends = Vec::new();
             for (i, m) in s.members() {
-                let stats = self.datapath.backend_stats(s.id, i as u32)?;
+                let stats = &all_stats[i];
                 backends.push(BackendStatus {
                     address: m.config.address.to_string(),
                     weight: m.config.weight,

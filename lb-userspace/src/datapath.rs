@@ -263,17 +263,30 @@ impl Datapath {
     /// Summed over CPUs.
     pub fn backend_stats(&self, service: u32, slot: u32) -> Result<BackendStats> {
         let values = self.backend_stats.get(&(service * MAX_BACKENDS + slot), 0)?;
-        let mut total = BackendStats::default();
-        for v in values.iter() {
-            total.fwd_packets += v.fwd_packets;
-            total.fwd_bytes += v.fwd_bytes;
-            total.reply_packets += v.reply_packets;
-            total.reply_bytes += v.reply_bytes;
-            total.new_flows += v.new_flows;
-            total.refused += v.refused;
-            total.unanswered += v.unanswered;
+        Ok(values.iter().fold(BackendStats::default(), |total, v| total.add(v)))
+    }
+
+    /// Slots `0..slots` of a service, summed over CPUs, read with one
+    /// system call (BPF_MAP_LOOKUP_BATCH) rather than one per slot: the
+    /// agent reads them every tick.
+    pub fn service_backend_stats(&self, service: u32, slots: usize) -> Result<Vec<BackendStats>> {
+        let slots = slots.min(MAX_BACKENDS as usize);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let fd = self.backend_stats.map().fd().as_fd().as_raw_fd();
+        let mut keys = vec![0u32; slots];
+        let mut values = vec![BackendStats::default(); slots * cpus];
+        let first = service * MAX_BACKENDS;
+        // The token is the key before the first one read.
+        let token = first.checked_sub(1);
+        let read = match lookup_batch_call(fd, token, &mut keys, &mut values, cpus) {
+            Ok((n, _, _)) => n,
+            Err(_) => 0,
+        };
+        if read < slots || keys.first().is_some_and(|k| *k != first) {
+            // Kernels before 5.6 have no batch operations.
+            return (0..slots as u32).map(|slot| self.backend_stats(service, slot)).collect();
         }
-        Ok(total)
+        Ok(values.chunks(cpus).map(|per_cpu| per_cpu.iter().fold(BackendStats::default(), |t, v| t.add(v))).collect())
     }
 
     /// A slot that gets a new backend starts its statistics from zero.
@@ -445,33 +458,52 @@ fn lookup_batch(fd: std::os::fd::RawFd) -> std::io::Result<Vec<(FlowKey, Flow)>>
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![Flow::default(); BATCH];
     // The position token is opaque (a bucket index for hash maps).
-    let (mut token_in, mut token_out) = ([0u8; 8], [0u8; 8]);
-    let mut first = true;
+    let mut token: Option<[u8; 8]> = None;
     loop {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_mut_ptr() as u64 },
-            out_batch: token_out.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
-        };
-        let error = (rc < 0).then(std::io::Error::last_os_error);
-        let n = attr.count as usize;
+        let (n, next, end) = lookup_batch_call(fd, token, &mut keys, &mut values, 1)?;
         entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        match error {
-            None => {}
-            // The end of the map.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-            Some(e) => return Err(e),
+        if end {
+            return Ok(entries);
         }
-        token_in = token_out;
-        first = false;
+        token = Some(next);
     }
+}
+
+/// One BPF_MAP_LOOKUP_BATCH call: up to `keys.len()` entries from where
+/// `token` (from the call before; `None`: the start) left off, with
+/// `values_per_key` values each (the CPU count for per-CPU maps). Returns
+/// how many it read, the token to go on from, and whether the map ended.
+fn lookup_batch_call<K: Copy, V: Copy, T: Copy + Default>(
+    fd: std::os::fd::RawFd,
+    token: Option<T>,
+    keys: &mut [K],
+    values: &mut [V],
+    values_per_key: usize,
+) -> std::io::Result<(usize, T, bool)> {
+    assert!(values.len() >= keys.len() * values_per_key);
+    let mut token_in = token.unwrap_or_default();
+    let mut token_out = T::default();
+    let mut attr = BatchAttr {
+        in_batch: if token.is_some() { &mut token_in as *mut T as u64 } else { 0 },
+        out_batch: &mut token_out as *mut T as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+    };
+    let n = attr.count as usize;
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((n, token_out, true));
+        }
+        return Err(e);
+    }
+    Ok((n, token_out, false))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

@@ -34,6 +34,13 @@ fn syn_to_a_service_is_rewritten_to_a_backend_and_counted() {
         assert_eq!(active(b), expected);
         assert_eq!(counter(b, Counter::NewFlows), 1);
         assert_eq!(flow_entries(b), 2, "one forward and one reply entry");
+        // Per backend, as status reports it (read in one batch).
+        let status = b.status().unwrap();
+        let per_backend: Vec<(u64, u64, u64)> =
+            status.services[0].backends.iter().map(|s| (s.total_connections, s.packets_in, s.bytes_in)).collect();
+        let mut expected = vec![(0, 0, 0); 3];
+        expected[chosen] = (1, 1, syn.frame().len() as u64);
+        assert_eq!(per_backend, expected);
     });
 }
 

@@ -13,6 +13,10 @@ use lb_tests::lab::{backend_addr, Lab, VIP};
 const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
 const MAIN_CONCURRENCY: u32 = 64;
+/// The main measurements run this many times, the five ways in turn each
+/// round, and are reported as medians: one run of a way on these shared
+/// machines moves by 15 % or more.
+const ROUNDS: usize = 3;
 /// iperf3's port: a second service, to one backend, for the bulk transfer.
 const BULK_PORT: u16 = 5201;
 
@@ -277,9 +281,26 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
 struct Results {
     way: Way,
     bulk_gbps: f64,
-    keepalive: Wrk,
-    close: Wrk,
+    /// One per round.
+    keepalive: Vec<Wrk>,
+    close: Vec<Wrk>,
     sweep: Vec<(u32, Wrk)>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The median over rounds of `value`.
+fn med(runs: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
+    median(runs.iter().map(value).collect())
+}
+
+/// The median over rounds of `value(a) / value(b)`, each round's ratio taken
+/// within the round.
+fn ratio(a: &[Wrk], b: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
+    median(a.iter().zip(b).map(|(a, b)| value(a) / value(b)).collect())
 }
 
 pub fn run(plot: Option<&Path>) -> String {
@@ -293,20 +314,27 @@ pub fn run(plot: Option<&Path>) -> String {
         .expect("iperf3 (apt-get install iperf3)");
     std::thread::sleep(Duration::from_millis(300));
     let ways = [Way::Xdp, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
-    let mut results = Vec::new();
+    let mut results: Vec<Results> = ways
+        .iter()
+        .map(|&way| Results { way, bulk_gbps: f64::NAN, keepalive: Vec::new(), close: Vec::new(), sweep: Vec::new() })
+        .collect();
     let mut concurrent_10k = None;
-    for way in ways {
-        eprintln!("== {}", way.name());
-        let (target, tear_down) = set_up(&lab, way);
-        let keepalive = wrk(&lab, &backends, target, MAIN_CONCURRENCY, false);
-        let close = wrk(&lab, &backends, target, MAIN_CONCURRENCY, true);
-        let sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, &backends, target, c, false))).collect();
-        let bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
-        if way == Way::Xdp {
-            concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
+    for round in 0..ROUNDS {
+        for r in &mut results {
+            let way = r.way;
+            eprintln!("== round {} of {ROUNDS}: {}", round + 1, way.name());
+            let (target, tear_down) = set_up(&lab, way);
+            r.keepalive.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, false));
+            r.close.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, true));
+            if round == 0 {
+                r.sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, &backends, target, c, false))).collect();
+                r.bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
+                if way == Way::Xdp {
+                    concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
+                }
+            }
+            tear_down();
         }
-        tear_down();
-        results.push(Results { way, bulk_gbps, keepalive, close, sweep });
     }
 
     let _ = iperf_server.kill();
@@ -314,30 +342,48 @@ pub fn run(plot: Option<&Path>) -> String {
     let by = |w: Way| results.iter().find(|r| r.way == w).unwrap();
     let (nginx, plain) = (by(Way::NginxStream), by(Way::Plain));
     let cpu_per_request = |w: &Wrk| w.balancer_cpu_seconds / w.requests.max(1.0) * 1e6;
+    let rps = |w: &Wrk| w.requests_per_second;
     let mut out = format!(
-        "wrk -t2 -c{MAIN_CONCURRENCY} -d{DURATION}; \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
-         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors | bulk Gbit/s (iperf3, 1 stream) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "wrk -t2 -c{MAIN_CONCURRENCY} -d{DURATION}, {ROUNDS} rounds, each running the five ways in turn; every figure \
+         is the median of the rounds, and every ratio the median of the ratios within each round. \
+         \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
+         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | p99 × plain | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors | bulk Gbit/s (iperf3, 1 stream) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in &results {
+        let errors: u64 = r.keepalive.iter().chain(&r.close).map(|w| w.errors).sum();
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {:.1} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {:.1} |",
             r.way.name(),
-            r.keepalive.requests_per_second,
-            r.keepalive.requests_per_second / nginx.keepalive.requests_per_second,
-            r.keepalive.requests_per_second / plain.keepalive.requests_per_second,
-            r.keepalive.p50_ms,
-            r.keepalive.p99_ms,
-            r.close.requests_per_second,
-            r.close.requests_per_second / nginx.close.requests_per_second,
-            r.close.requests_per_second / plain.close.requests_per_second,
-            cpu_per_request(&r.keepalive),
-            cpu_per_request(&r.close),
-            r.keepalive.errors + r.close.errors,
+            med(&r.keepalive, rps),
+            ratio(&r.keepalive, &nginx.keepalive, rps),
+            ratio(&r.keepalive, &plain.keepalive, rps),
+            med(&r.keepalive, |w| w.p50_ms),
+            med(&r.keepalive, |w| w.p99_ms),
+            ratio(&r.keepalive, &plain.keepalive, |w| w.p99_ms),
+            med(&r.close, rps),
+            ratio(&r.close, &nginx.close, rps),
+            ratio(&r.close, &plain.close, rps),
+            med(&r.keepalive, cpu_per_request),
+            med(&r.close, cpu_per_request),
+            errors,
             r.bulk_gbps,
         );
     }
+    let xdp = by(Way::Xdp);
+    let rounds = |a: &[Wrk], b: &[Wrk], value: fn(&Wrk) -> f64| -> String {
+        a.iter().zip(b).map(|(a, b)| format!("{:.2}", value(a) / value(b))).collect::<Vec<_>>().join(", ")
+    };
+    let _ = write!(
+        out,
+        "\nlb (XDP) round by round: keep-alive × nginx {}; new conn × nginx {}; new conn × plain {}; \
+         keep-alive p99 × plain {}.\n",
+        rounds(&xdp.keepalive, &nginx.keepalive, |w| w.requests_per_second),
+        rounds(&xdp.close, &nginx.close, |w| w.requests_per_second),
+        rounds(&xdp.close, &plain.close, |w| w.requests_per_second),
+        rounds(&xdp.keepalive, &plain.keepalive, |w| w.p99_ms),
+    );
     out.push_str("\nKeep-alive requests/s and p99 latency against concurrency (wrk -c):\n\n| way |");
     for c in CONCURRENCY {
         let _ = write!(out, " c={c} req/s | c={c} p99 ms |");
