@@ -169,6 +169,18 @@ fn parse_ms(value: &str) -> f64 {
     }
 }
 
+/// Where every wrk run's own output goes, to look into a figure that stands out.
+fn raw_log() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-e2e-wrk.log")
+}
+
+fn log_raw(text: &str) {
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(raw_log()) {
+        let _ = writeln!(f, "{text}");
+    }
+}
+
 /// Runs wrk from the client; `close` asks for a new connection per request.
 fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
     let url = format!("http://{target}/");
@@ -183,6 +195,7 @@ fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, c
     let wrk_cpu = children_cpu_seconds() - children;
     let backend_cpu = backends.cpu_seconds() - backend_cpu;
     let text = String::from_utf8_lossy(&out.stdout);
+    log_raw(&format!("{script}\n{text}"));
     let field = |prefix: &str| -> Option<String> {
         text.lines().find_map(|l| l.trim_start().strip_prefix(prefix).map(|r| r.trim().to_string()))
     };
@@ -206,17 +219,20 @@ fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, c
     }
 }
 
-/// Sets the balancer host up for `way`; the returned guard undoes it.
-fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
+/// Sets the balancer host up for `way`; the returned guard undoes it, and
+/// for lb says what its data path counted.
+fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce() -> Option<String>>) {
     let servers: Vec<String> = (0..lab.backends.len()).map(|i| backend_addr(i).to_string()).collect();
     match way {
-        Way::Plain => (backend_addr(0), Box::new(|| {})),
+        Way::Plain => (backend_addr(0), Box::new(|| None)),
         Way::Xdp => {
             let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
             agent.cli(&["service", "add", "bulk", &bulk(VIP).to_string()]).unwrap();
             agent.cli(&["backend", "add", "bulk", &bulk(backend_addr(0)).to_string()]).unwrap();
             (VIP, Box::new(move || {
+                let counted = agent.cli(&["status", "--json"]).ok().map(|json| data_path_counters(&json));
                 let _ = agent.cli(&["shutdown"]);
+                counted
             }))
         }
         Way::NftDnat => {
@@ -233,6 +249,7 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
             let ns = lab.lb.name.clone();
             (VIP, Box::new(move || {
                 let _ = Command::new("ip").args(["netns", "exec", &ns, "nft", "delete", "table", "ip", "lbbench"]).status();
+                None
             }))
         }
         Way::NginxStream | Way::Haproxy => {
@@ -273,9 +290,26 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()>) {
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
                 let _ = Command::new("ip").args(["netns", "exec", &ns, "ip", "addr", "del", &format!("{}/32", VIP.ip()), "dev", "lo"]).status();
+                None
             }))
         }
     }
+}
+
+/// The data path's drops and retries, from `lb status --json`.
+fn data_path_counters(status_json: &str) -> String {
+    let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
+    let counter = |name: &str| status["counters"][name].as_u64().unwrap_or(0);
+    format!(
+        "{} new flows, {} dropped (no backend {}, table full {}, malformed {}), {} SYNs retried elsewhere, {} to the kernel for want of a neighbour",
+        counter("new_flows"),
+        counter("verdict_drop"),
+        counter("no_backend"),
+        counter("table_full"),
+        counter("malformed_ip") + counter("malformed_tcp"),
+        counter("syn_retried"),
+        counter("no_neighbour"),
+    )
 }
 
 struct Results {
@@ -304,6 +338,8 @@ fn ratio(a: &[Wrk], b: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
 }
 
 pub fn run(plot: Option<&Path>) -> String {
+    let _ = std::fs::remove_file(raw_log());
+    eprintln!("wrk's own output: {}", raw_log().display());
     let lab = Lab::new(3);
     let backends = Backends::start(&lab);
     let mut iperf_server = lab.backends[0]
@@ -319,10 +355,12 @@ pub fn run(plot: Option<&Path>) -> String {
         .map(|&way| Results { way, bulk_gbps: f64::NAN, keepalive: Vec::new(), close: Vec::new(), sweep: Vec::new() })
         .collect();
     let mut concurrent_10k = None;
+    let mut lb_counted = Vec::new();
     for round in 0..ROUNDS {
         for r in &mut results {
             let way = r.way;
             eprintln!("== round {} of {ROUNDS}: {}", round + 1, way.name());
+            log_raw(&format!("== round {} of {ROUNDS}: {}", round + 1, way.name()));
             let (target, tear_down) = set_up(&lab, way);
             r.keepalive.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, false));
             r.close.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, true));
@@ -333,7 +371,9 @@ pub fn run(plot: Option<&Path>) -> String {
                     concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
                 }
             }
-            tear_down();
+            if let Some(counted) = tear_down() {
+                lb_counted.push(format!("round {}: {counted}", round + 1));
+            }
         }
     }
 
@@ -384,6 +424,10 @@ pub fn run(plot: Option<&Path>) -> String {
         rounds(&xdp.close, &plain.close, |w| w.requests_per_second),
         rounds(&xdp.keepalive, &plain.keepalive, |w| w.p99_ms),
     );
+    let _ = writeln!(out, "\nlb (XDP) data path counters, per round (all its runs):\n");
+    for line in &lb_counted {
+        let _ = writeln!(out, "- {line}");
+    }
     out.push_str("\nKeep-alive requests/s and p99 latency against concurrency (wrk -c):\n\n| way |");
     for c in CONCURRENCY {
         let _ = write!(out, " c={c} req/s | c={c} p99 ms |");
