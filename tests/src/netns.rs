@@ -105,15 +105,60 @@ fn remove(name: &str) {
         .output();
 }
 
-/// Removes namespaces, and the data paths their labs pinned in bpffs, left by
-/// earlier runs whose process is gone.
+/// For programs (the demo, the benchmarks): on Ctrl-C or SIGTERM, removes
+/// this run's namespaces and pins, then exits, where the guards' drops would
+/// not run. Call first thing in `main`, before any thread starts: it blocks
+/// the two signals in every thread and waits for them in one of its own.
+/// (Children started with `Command` get the default signal mask back.)
+pub fn remove_on_interrupt() {
+    unsafe {
+        let mut signals: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut signals);
+        libc::sigaddset(&mut signals, libc::SIGINT);
+        libc::sigaddset(&mut signals, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut signal = 0;
+            libc::sigwait(&signals, &mut signal);
+            eprintln!("interrupted: removing this run's namespaces");
+            // Threads still at work in them fail now; that is expected.
+            std::panic::set_hook(Box::new(|_| {}));
+            remove_this_runs();
+            std::process::exit(128 + signal);
+        });
+    }
+}
+
+fn remove_this_runs() {
+    let own = format!("{PREFIX}{}-", std::process::id());
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&own) {
+                remove(name);
+            }
+        }
+    }
+    // Pins, and the labs' working directories.
+    for dir in [std::path::PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&own) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Removes namespaces, the data paths their labs pinned in bpffs and their
+/// working directories, left by earlier runs whose process is gone.
 fn sweep_leftovers() {
     let dead = |name: &str| {
         let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()).unwrap_or("");
         !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
     };
-    if let Ok(pins) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in pins.flatten() {
+    // Pins, and the labs' working directories.
+    for dir in [std::path::PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(PREFIX) && dead(&name) {
                 let _ = std::fs::remove_dir_all(entry.path());

@@ -8,6 +8,7 @@ use lb_tests::{
 };
 
 fn main() {
+    lb_tests::netns::remove_on_interrupt();
     match std::env::args().nth(1).as_deref() {
         None | Some("balance") => balance(),
         Some("failover") => failover(),

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::lab::{backend_addr, Lab, VIP};
+use lb_tests::lab::{backend_addr, Lab, LB_CLIENT_SIDE, VIP};
 
 const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
@@ -181,8 +181,24 @@ fn log_raw(text: &str) {
     }
 }
 
+/// Gives each run its own client address, as real traffic comes from many
+/// clients. From one address every run reused the ports of the runs before
+/// it while their TIME_WAIT state was still around, and after some sequences
+/// of ways (nginx stream, then a DNAT way: lb or nftables) the next run
+/// crawled at a few hundred connections a second with no drop or
+/// retransmission anywhere; which way it hit depended on the order.
+fn fresh_client_address(lab: &Lab) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(10);
+    let host = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let address = std::net::Ipv4Addr::new(198, 18, 0, (host % 240 + 10) as u8);
+    lab.client.exec(&format!(
+        "ip addr replace {address}/24 dev eth0 && ip route replace default via {LB_CLIENT_SIDE} src {address}"
+    ));
+}
+
 /// Runs wrk from the client; `close` asks for a new connection per request.
 fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
+    fresh_client_address(lab);
     let url = format!("http://{target}/");
     let mut script = format!("ulimit -n 20000; wrk -t2 -c{connections} -d{DURATION} --timeout 5s --latency");
     if close {

@@ -4,6 +4,7 @@ mod e2e;
 mod micro;
 
 fn main() {
+    lb_tests::netns::remove_on_interrupt();
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match which.as_str() {
         "micro" => print!("{}", micro::run()),
