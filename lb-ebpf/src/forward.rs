@@ -24,29 +24,28 @@ const AF_INET: u8 = 2;
 pub struct Sent {
     pub action: u32,
     pub counter: Counter,
+    /// A next hop the flow did not have fresh, for it to keep.
+    pub learned: Option<NextHop>,
 }
 
-/// Sends the rewritten packet to its next hop. `flow` is the packet's flow
-/// (`entry`: its table entry, where the next hop is cached; `None` for the
-/// first packet of a flow). A forward packet without a fresh hop of its own
-/// takes its backend's, so route lookups happen about once a second per
-/// backend and per flow's client, not per flow both ways.
+/// Sends the rewritten packet to its next hop, `flow`'s own if fresh. A
+/// forward packet without one takes its backend's, so route lookups happen
+/// about once a second per backend and per client, not per flow both ways.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut Flow>, now: &Now) -> Sent {
+pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, now: &Now) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
     if ip.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
-        return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
+        return to_kernel(Counter::VerdictPass);
     }
     if fresh(&flow.hop, now) {
-        return out(pkt, &flow.hop);
+        return out(pkt, &flow.hop, None);
     }
     let backend_hop = if flow.direction == DIR_FORWARD { backend_hop(flow) } else { None };
     if let Some(shared) = backend_hop {
         let cached = unsafe { *shared };
         if cached.addr == flow.nat_addr && fresh(&cached.hop, now) {
-            remember(entry, &cached.hop);
-            return out(pkt, &cached.hop);
+            return out(pkt, &cached.hop, Some(cached.hop));
         }
     }
 
@@ -73,29 +72,26 @@ pub fn send(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, entry: Option<*mut F
             Counter::FibFailed
         };
         crate::stats::count(counter);
-        return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
+        return to_kernel(Counter::VerdictPass);
     }
 
     let mut hop = NextHop { ifindex: fib.ifindex, macs: [0; 12], at: now.ticks };
     hop.macs[..6].copy_from_slice(&fib.dmac);
     hop.macs[6..].copy_from_slice(&fib.smac);
-    remember(entry, &hop);
     if let Some(shared) = backend_hop {
         unsafe { *shared = BackendHop { addr: flow.nat_addr, _pad: 0, hop } };
     }
-    out(pkt, &hop)
+    out(pkt, &hop, Some(hop))
+}
+
+#[inline(always)]
+fn to_kernel(counter: Counter) -> Sent {
+    Sent { action: xdp_action::XDP_PASS, counter, learned: None }
 }
 
 #[inline(always)]
 fn fresh(hop: &NextHop, now: &Now) -> bool {
     hop.ifindex != 0 && now.ticks.wrapping_sub(hop.at) < now.hop_ttl
-}
-
-#[inline(always)]
-fn remember(entry: Option<*mut Flow>, hop: &NextHop) {
-    if let Some(entry) = entry {
-        unsafe { (*entry).hop = *hop };
-    }
 }
 
 /// A backend's next hop, with the backend's address: a slot may have
@@ -115,9 +111,9 @@ fn backend_hop(flow: &Flow) -> Option<*mut BackendHop> {
     BACKEND_HOPS.get_ptr_mut(index)
 }
 
-/// Forwards as a router does (one hop less) out of `ifindex`.
+/// Forwards as a router does (one hop less) to `hop`.
 #[inline(always)]
-fn out(pkt: &TcpPacket, hop: &NextHop) -> Sent {
+fn out(pkt: &TcpPacket, hop: &NextHop, learned: Option<NextHop>) -> Sent {
     let ip = unsafe { &mut *pkt.ip };
     let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
@@ -133,5 +129,5 @@ fn out(pkt: &TcpPacket, hop: &NextHop) -> Sent {
     // its peer only when the peer runs an XDP program, so on veth (containers,
     // namespaces) they would be stuck.
     let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
-    Sent { action, counter: Counter::VerdictRedirect }
+    Sent { action, counter: Counter::VerdictRedirect, learned }
 }

@@ -87,10 +87,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     let (flow, entry): (&Flow, _) = match (&opened, existing) {
         (Some(flow), _) => (flow, None),
         (None, Some(entry)) => {
-            // Read in place: the entry is the packet's own flow, and copying
-            // it costs more than the fields used.
-            let flow = unsafe { &*entry };
-            if conntrack::answer_with_reset(flow) && pkt.flags & parse::TCP_RST == 0 {
+            if conntrack::answer_with_reset(unsafe { &*entry }) && pkt.flags & parse::TCP_RST == 0 {
                 let action = reset::answer(ctx, &pkt);
                 return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
             }
@@ -98,9 +95,12 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 stats::count(Counter::RefusalSwallowed);
                 return DROP;
             }
-            (flow, Some(entry))
+            // Read in place from here on: copying the entry costs more than
+            // the fields used.
+            (unsafe { &*entry }, Some(entry))
         }
-        // A SYN for no service.
+        // Nothing opened, nothing found (a SYN that opens nothing has
+        // returned above).
         (None, None) => return PASS,
     };
 
@@ -109,7 +109,11 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     stats::count_packet(flow, pkt.len);
 
     // Send.
-    let sent = forward::send(ctx, &pkt, flow, entry, &now);
+    let sent = forward::send(ctx, &pkt, flow, &now);
+    if let (Some(hop), Some(entry)) = (sent.learned, entry) {
+        // The flow keeps its next hop for the packets after this one.
+        unsafe { (*entry).hop = hop };
+    }
     (sent.action, sent.counter)
 }
 

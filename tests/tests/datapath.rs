@@ -315,17 +315,23 @@ fn the_next_hop_is_cached_per_flow_and_follows_a_neighbour_change_within_a_secon
     with_balancer(&[1], |b| {
         let be = open(b, 40040); // the first packet looks the route up
         let ack = Tcp::new(client(40040), VIP, ACK).frame();
+        let reply = Tcp::new(be, client(40040), ACK).frame();
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0));
-        // The backend's MAC changes (a replaced machine keeping its address).
+        assert_eq!(inspect(&run(b, &reply).1).dst_mac, CLIENT_MAC);
+        // Both MACs change (replaced machines keeping their addresses).
         // This runs inside the test's namespace: the thread entered it.
-        let status = std::process::Command::new("ip")
-            .args(["neigh", "replace", &be.ip().to_string(), "lladdr", "02:00:00:00:09:09", "dev", "srv", "nud", "permanent"])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        for (host, dev, mac) in [(be.ip().to_string(), "srv", "02:00:00:00:09:09"), (client(0).ip().to_string(), "cli", "02:00:00:00:09:08")] {
+            let status = std::process::Command::new("ip")
+                .args(["neigh", "replace", &host, "lladdr", mac, "dev", dev, "nud", "permanent"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0), "within the TTL: the cached hop");
+        assert_eq!(inspect(&run(b, &reply).1).dst_mac, CLIENT_MAC, "within the TTL: the reply's cached hop");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, [2, 0, 0, 0, 9, 9], "after it: looked up again");
+        assert_eq!(inspect(&run(b, &reply).1).dst_mac, [2, 0, 0, 0, 9, 8], "after it: looked up again");
         // New flows share the backend's hop, and it too is the new one.
         let (_, out) = run(b, &Tcp::new(client(40041), VIP, SYN).frame());
         assert_eq!(inspect(&out).dst_mac, [2, 0, 0, 0, 9, 9]);
