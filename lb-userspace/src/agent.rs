@@ -50,7 +50,7 @@ enum LoopRequest {
 
 async fn serve(config: Config, options: Options) -> Result<()> {
     let pins = Pins::new(&config.agent.pin_dir)?;
-    let (datapath, reused) = match Datapath::load_pinned(config.agent.max_flows, &pins) {
+    let (datapath, reused) = match Datapath::load_pinned(config.agent.max_flows, config.agent.max_services, &pins) {
         Ok(loaded) => loaded,
         Err(e) => {
             let _ = pins.remove_if_empty();
@@ -71,6 +71,13 @@ async fn run_loaded(config: Config, options: Options, pins: &Pins, datapath: Dat
             running = datapath.max_flows(),
             configured = config.agent.max_flows,
             "the running connection table keeps its size; `lb shutdown` and start again to resize it"
+        );
+    }
+    if reused && datapath.max_services() != config.agent.max_services {
+        tracing::warn!(
+            running = datapath.max_services(),
+            configured = config.agent.max_services,
+            "the running data path keeps its room for services; `lb shutdown` and start again to change it"
         );
     }
     let mut balancer = Balancer::new(datapath);

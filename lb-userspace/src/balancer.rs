@@ -273,11 +273,14 @@ impl Balancer {
             // What a previous agent left running: its flows keep their slots.
             Some(adopted) => adopted,
             None => {
-                let id = (0..MAX_SERVICES)
+                let max_services = self.datapath.max_services();
+                let id = (0..max_services)
                     .find(|id| {
                         !self.services.iter().any(|s| s.id == *id) && !self.retired.iter().any(|r| r.id == *id)
                     })
-                    .with_context(|| format!("all {MAX_SERVICES} service slots are in use"))?;
+                    .with_context(|| {
+                        format!("all {max_services} service slots are in use (agent.max_services, at most {MAX_SERVICES})")
+                    })?;
                 self.services.push(ServiceState {
                     name: String::new(),
                     vip: config.vip,

@@ -26,6 +26,10 @@ pub struct AgentConfig {
     pub xdp_mode: XdpModeSetting,
     /// Connection-table capacity in flows.
     pub max_flows: u32,
+    /// Services the data path has room for (at most 256). Its per-backend
+    /// statistics are per CPU: 14 KiB per service per CPU, 3.5 MiB per CPU
+    /// at 256.
+    pub max_services: u32,
     /// How often idle flows are looked for, in milliseconds.
     pub aging_interval_ms: u64,
     pub timeouts: TimeoutConfig,
@@ -44,6 +48,7 @@ impl Default for AgentConfig {
             socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
             xdp_mode: XdpModeSetting::Auto,
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
+            max_services: MAX_SERVICES,
             aging_interval_ms: 1000,
             timeouts: TimeoutConfig::default(),
             pin_dir: PathBuf::from("/sys/fs/bpf/lb"),
@@ -249,6 +254,9 @@ impl Config {
         if a.max_flows == 0 || a.max_flows > 64 * 1024 * 1024 {
             bail!("agent.max_flows must be between 1 and 67108864, not {}", a.max_flows);
         }
+        if a.max_services == 0 || a.max_services > MAX_SERVICES {
+            bail!("agent.max_services must be between 1 and {MAX_SERVICES}, not {}", a.max_services);
+        }
         if a.aging_interval_ms == 0 {
             bail!("agent.aging_interval_ms must be at least 1");
         }
@@ -258,8 +266,8 @@ impl Config {
                 bail!("agent.timeouts.{name} must be a positive number of seconds, not {v}");
             }
         }
-        if self.services.len() > MAX_SERVICES as usize {
-            bail!("at most {MAX_SERVICES} services, not {}", self.services.len());
+        if self.services.len() > a.max_services as usize {
+            bail!("{} services, but agent.max_services is {}: raise it (up to {MAX_SERVICES})", self.services.len(), a.max_services);
         }
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
@@ -376,5 +384,8 @@ mod tests {
         assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\nweight=70000")
             .contains("weight"));
         assert!(err("[agent]\nbogus=1").contains("unknown field"));
+        assert!(err("[agent]\nmax_services=0").contains("agent.max_services must be between 1 and 256"));
+        assert!(err("[agent]\nmax_services=1\n[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service]]\nname='b'\nvip='1.2.3.5:80'")
+            .contains("2 services, but agent.max_services is 1"));
     }
 }

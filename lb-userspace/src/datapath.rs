@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     ActiveCounts, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
-    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, MAX_BACKENDS,
+    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, MAX_BACKENDS, MAX_SERVICES,
     PROTO_TCP,
 };
 
@@ -57,6 +57,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     max_flows: u32,
+    max_services: u32,
     clock: Clock,
 }
 
@@ -139,20 +140,34 @@ impl Datapath {
     /// Loads the program with room for `max_flows` flows (two table entries
     /// each), with maps of its own. Nothing is attached yet.
     pub fn load(max_flows: u32) -> Result<Self> {
-        Ok(Self::open(max_flows, None)?.0)
+        Self::load_sized(max_flows, MAX_SERVICES)
+    }
+
+    /// The same with room for `max_services` services.
+    pub fn load_sized(max_flows: u32, max_services: u32) -> Result<Self> {
+        Ok(Self::open(max_flows, max_services, None)?.0)
     }
 
     /// The same with the maps pinned under `pins`, reusing pinned maps that
     /// exist: the connection table, counts and services of the agent before.
     /// Says whether it reused them.
-    pub fn load_pinned(max_flows: u32, pins: &Pins) -> Result<(Self, bool)> {
-        Self::open(max_flows, Some(pins))
+    /// `max_services` sizes the per-service maps, whose per-CPU statistics
+    /// take `max_services` × 14 KiB per CPU.
+    pub fn load_pinned(max_flows: u32, max_services: u32, pins: &Pins) -> Result<(Self, bool)> {
+        Self::open(max_flows, max_services, Some(pins))
     }
 
-    fn open(max_flows: u32, pins: Option<&Pins>) -> Result<(Self, bool)> {
+    fn open(max_flows: u32, max_services: u32, pins: Option<&Pins>) -> Result<(Self, bool)> {
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("FLOWS", max_flows.checked_mul(2).context("max_flows too large")?);
+        let max_services = max_services.clamp(1, MAX_SERVICES);
+        for name in ["SERVICES", "BACKENDS", "ACTIVE"] {
+            loader.map_max_entries(name, max_services);
+        }
+        for name in ["BACKEND_STATS", "BACKEND_HOPS"] {
+            loader.map_max_entries(name, max_services * MAX_BACKENDS);
+        }
         let mut reused = false;
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(p) => MAP_NAMES.iter().map(|name| (*name, p.maps().join(name))).collect(),
@@ -174,19 +189,25 @@ impl Datapath {
             ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
         };
         let flows = take("FLOWS")?;
-        // A reused table keeps the size it was created with.
+        // Reused maps keep the sizes they were created with.
         let max_flows = match &flows {
             aya::maps::Map::HashMap(data) => data.info()?.max_entries() / 2,
             _ => max_flows,
         };
+        let backends = take("BACKENDS")?;
+        let max_services = match &backends {
+            aya::maps::Map::Array(data) => data.info()?.max_entries(),
+            _ => max_services,
+        };
         let datapath = Self {
             services: take("SERVICES")?.try_into()?,
-            backends: take("BACKENDS")?.try_into()?,
+            backends: backends.try_into()?,
             active: take("ACTIVE")?.try_into()?,
             flows: flows.try_into()?,
             counters: take("COUNTERS")?.try_into()?,
             backend_stats: take("BACKEND_STATS")?.try_into()?,
             max_flows,
+            max_services,
             clock: Clock::default(),
             ebpf,
         };
@@ -235,6 +256,11 @@ impl Datapath {
 
     pub fn max_flows(&self) -> u32 {
         self.max_flows
+    }
+
+    /// How many services the maps have room for (ids `0..max_services`).
+    pub fn max_services(&self) -> u32 {
+        self.max_services
     }
 
     fn program(&self, name: &str) -> Result<&Xdp> {

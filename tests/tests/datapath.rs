@@ -356,3 +356,28 @@ fn a_slot_given_to_another_backend_never_reuses_the_old_backends_hop() {
         assert_eq!((inspect(&out).dst, inspect(&out).dst_mac), (backend(0), backend_mac(0)));
     });
 }
+
+#[test]
+fn a_data_path_sized_for_two_services_refuses_a_third_and_says_why() {
+    let _serial = lb_tests::serial();
+    let ns = lb_tests::routed::routed_host(1);
+    ns.run(|| {
+        let mut b = lb::balancer::Balancer::new(lb::datapath::Datapath::load_sized(1024, 2).unwrap());
+        let service = |i: u8| lb::config::ServiceConfig {
+            name: format!("s{i}"),
+            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 80),
+            scheduler: Default::default(),
+            mode: Default::default(),
+            health: None,
+            on_backend_down: Default::default(),
+            backends: vec![lb::config::BackendConfig::new(backend(0), 1)],
+        };
+        b.add_service(&service(1)).unwrap();
+        b.add_service(&service(2)).unwrap();
+        let err = format!("{:#}", b.add_service(&service(3)).unwrap_err());
+        assert!(err.contains("all 2 service slots are in use (agent.max_services"), "{err}");
+        assert_eq!(b.status().unwrap().services.len(), 2, "the running services are untouched");
+        // Sized as asked: two services' worth of per-backend statistics.
+        assert_eq!(b.datapath.max_services(), 2);
+    });
+}

@@ -14,7 +14,7 @@ use lb::{
     config::Scheduler,
     datapath::{XDP_PASS, XDP_REDIRECT},
 };
-use lb_common::Counter;
+use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES};
 use lb_tests::{
     packet::{Tcp, ACK, SYN},
     routed::{balancer, balancer_scheduling, routed_host, CLIENT, VIP},
@@ -82,7 +82,7 @@ fn new_flows(b: &Balancer) -> u64 {
 /// Runs the cases and returns the report as a Markdown table.
 pub fn run() -> String {
     let ns = routed_host(256);
-    let mut scale: Option<(usize, std::time::Duration, std::time::Duration, Option<u64>)> = None;
+    let mut scale: Option<(usize, std::time::Duration, std::time::Duration, Option<u64>, Option<u64>)> = None;
     let rows = ns.run(|| {
         let mut rows = Vec::new();
         let mut add = |case: &str, mut row: Row| {
@@ -135,7 +135,8 @@ pub fn run() -> String {
         let report = lb::aging::age(&mut b.datapath, &never, false).unwrap();
         assert_eq!(report.expired, 0);
         let scan = started.elapsed();
-        scale = Some((read, read_time, scan, flows_memory(2 * 1_000_000)));
+        let stats = map_memory("BACKEND_STATS", (MAX_SERVICES * MAX_BACKENDS) as u64);
+        scale = Some((read, read_time, scan, map_memory("FLOWS", 2 * 1_000_000), stats));
         rows
     });
 
@@ -157,7 +158,7 @@ pub fn run() -> String {
             r.mean - r.floor
         ));
     }
-    if let Some((entries, read, scan, memory)) = scale {
+    if let Some((entries, read, scan, memory, stats)) = scale {
         out.push_str(&format!(
             "\nScale: a 1,000,000-flow table (2,000,000 entries) holding {} flows takes {} of kernel memory \
              (`bpftool map show`, bytes_memlock). Reading all {entries} entries (batched) took {:.2} s; one agent aging \
@@ -170,17 +171,26 @@ pub fn run() -> String {
             scan.as_secs_f64(),
             scan.as_secs_f64() * 10.0
         ));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(stats) = stats {
+            out.push_str(&format!(
+                "The per-backend statistics, per CPU, take {:.1} MiB for 256 services on these {cpus} CPUs ({:.1} MiB a \
+                 CPU); `agent.max_services` sizes them.\n",
+                stats as f64 / (1 << 20) as f64,
+                stats as f64 / cpus as f64 / (1 << 20) as f64,
+            ));
+        }
     }
     out
 }
 
-/// The kernel memory of the FLOWS map with `entries` entries, by bpftool.
-fn flows_memory(entries: u64) -> Option<u64> {
+/// The kernel memory of a loaded map, found by name and size (bpftool).
+fn map_memory(name: &str, entries: u64) -> Option<u64> {
     let out = std::process::Command::new("bpftool").args(["map", "show", "-j"]).output().ok()?;
     let maps: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     maps.as_array()?
         .iter()
-        .find(|m| m["name"] == "FLOWS" && m["max_entries"] == entries)
+        .find(|m| m["name"] == name && m["max_entries"] == entries)
         .and_then(|m| m["bytes_memlock"].as_u64())
 }
 
