@@ -27,8 +27,8 @@ pub struct AgentConfig {
     /// Connection-table capacity in flows.
     pub max_flows: u32,
     /// Services the data path has room for (at most 256). Its per-backend
-    /// statistics are per CPU: 14 KiB per service per CPU, 3.5 MiB per CPU
-    /// at 256.
+    /// statistics are per CPU: about 15 KiB per service per CPU, 3.8 MiB
+    /// per CPU at 256.
     pub max_services: u32,
     /// How often idle flows are looked for, in milliseconds.
     pub aging_interval_ms: u64,

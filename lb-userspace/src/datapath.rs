@@ -152,7 +152,7 @@ impl Datapath {
     /// exist: the connection table, counts and services of the agent before.
     /// Says whether it reused them.
     /// `max_services` sizes the per-service maps, whose per-CPU statistics
-    /// take `max_services` × 14 KiB per CPU.
+    /// take about `max_services` × 15 KiB per CPU.
     pub fn load_pinned(max_flows: u32, max_services: u32, pins: &Pins) -> Result<(Self, bool)> {
         Self::open(max_flows, max_services, Some(pins))
     }
