@@ -55,7 +55,8 @@ pub struct Backend {
     pub max_conns: u32,
 }
 
-/// How a service chooses among its candidates.
+// How a service chooses among its candidates (`BackendSet::scheduler`):
+
 /// Weighted least connections over every candidate (IPVS `wlc`, nginx `least_conn`).
 pub const SCHEDULER_LEAST_CONN: u32 = 0;
 /// Weighted least connections between two candidates picked at random (nginx

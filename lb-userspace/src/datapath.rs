@@ -65,6 +65,8 @@ pub struct Datapath {
 /// layout are then left alone (an upgrade across it starts with an empty
 /// connection table) instead of being misread.
 const LAYOUT_VERSION: u32 = 3;
+/// The maps that are pinned: the state a new agent takes over. CLOCK (written
+/// at every load) and BACKEND_HOPS (a cache) start afresh with each program.
 const MAP_NAMES: [&str; 6] = ["SERVICES", "BACKENDS", "ACTIVE", "FLOWS", "COUNTERS", "BACKEND_STATS"];
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -199,7 +201,7 @@ impl Datapath {
             aya::maps::Map::Array(data) => data.info()?.max_entries(),
             _ => max_services,
         };
-        let datapath = Self {
+        let mut datapath = Self {
             services: take("SERVICES")?.try_into()?,
             backends: backends.try_into()?,
             active: take("ACTIVE")?.try_into()?,
@@ -211,7 +213,6 @@ impl Datapath {
             clock: Clock::default(),
             ebpf,
         };
-        let mut datapath = datapath;
         datapath.set_clock()?;
         Ok((datapath, reused))
     }
