@@ -10,6 +10,8 @@ use std::{
 
 use lb_tests::lab::{backend_addr, Lab, LB_CLIENT_SIDE, VIP};
 
+use crate::targets::Check;
+
 const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
 const MAIN_CONCURRENCY: u32 = 64;
@@ -353,7 +355,8 @@ fn ratio(a: &[Wrk], b: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
     median(a.iter().zip(b).map(|(a, b)| value(a) / value(b)).collect())
 }
 
-pub fn run(plot: Option<&Path>) -> String {
+/// Runs the five ways; returns the report and the checks against the targets.
+pub fn run(plot: Option<&Path>) -> (String, Vec<Check>) {
     let _ = std::fs::remove_file(raw_log());
     eprintln!("wrk's own output: {}", raw_log().display());
     let lab = Lab::new(3);
@@ -458,6 +461,29 @@ pub fn run(plot: Option<&Path>) -> String {
         }
         out.push('\n');
     }
+    let cpu = |r: &Results| med(&r.keepalive, cpu_per_request);
+    let new_x_nginx = ratio(&xdp.close, &nginx.close, rps);
+    let new_x_plain = ratio(&xdp.close, &plain.close, rps);
+    let keepalive_x_nginx = ratio(&xdp.keepalive, &nginx.keepalive, rps);
+    let p99_x_plain = ratio(&xdp.keepalive, &plain.keepalive, |w| w.p99_ms);
+    let mut checks = vec![
+        Check { target: "new connections/s ≥ 2× nginx stream", measured: format!("{new_x_nginx:.2}×"), met: new_x_nginx >= 2.0 },
+        Check { target: "new connections/s ≥ 0.9× plain forwarding", measured: format!("{new_x_plain:.2}×"), met: new_x_plain >= 0.9 },
+        Check { target: "keep-alive requests/s ≥ 1.5× nginx stream", measured: format!("{keepalive_x_nginx:.2}×"), met: keepalive_x_nginx >= 1.5 },
+        Check { target: "keep-alive p99 ≤ plain forwarding's + 10 %", measured: format!("{p99_x_plain:.2}×"), met: p99_x_plain <= 1.1 },
+        Check {
+            target: "balancer CPU per request ≤ 1/5 of nginx stream's (keep-alive)",
+            measured: format!("{:.1} µs against {:.1} µs", cpu(xdp), cpu(nginx)),
+            met: cpu(xdp) * 5.0 <= cpu(nginx),
+        },
+    ];
+    if let Some(w) = &concurrent_10k {
+        checks.push(Check {
+            target: "10,000 concurrent connections, zero errors",
+            measured: format!("{} errors", w.errors),
+            met: w.errors == 0 && w.requests > 0.0,
+        });
+    }
     if let Some(w) = concurrent_10k {
         let _ = writeln!(
             out,
@@ -470,7 +496,7 @@ pub fn run(plot: Option<&Path>) -> String {
         std::fs::write(path, svg(&results)).unwrap();
         let _ = writeln!(out, "\n![requests/s and p99 against concurrency]({})", path.display());
     }
-    out
+    (out, checks)
 }
 
 /// Two line charts side by side: requests/s and p99 against concurrency.

@@ -2,18 +2,30 @@
 //! written to BENCHMARKS.md with the plot next to it.
 mod e2e;
 mod micro;
+mod targets;
 
 fn main() {
     lb_tests::netns::remove_on_interrupt();
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match which.as_str() {
-        "micro" => print!("{}", micro::run()),
-        "e2e" => print!("{}", e2e::run(None)),
+        "micro" => {
+            let (micro, checks) = micro::run();
+            print!("{micro}\n{}", targets::table(&checks));
+        }
+        "e2e" => {
+            let (e2e, checks) = e2e::run(None);
+            print!("{e2e}\n{}", targets::table(&checks));
+        }
         "all" => {
-            let micro = micro::run();
-            let e2e = e2e::run(Some(std::path::Path::new("docs/e2e.svg")));
+            let (micro, mut checks) = micro::run();
+            let (e2e, e2e_checks) = e2e::run(Some(std::path::Path::new("docs/e2e.svg")));
+            checks.extend(e2e_checks);
             let notes = std::fs::read_to_string("docs/benchmark-notes.md").unwrap_or_default();
-            let report = format!("{}\n{notes}", report(&micro, &e2e));
+            let report = format!(
+                "{}\n## The targets, checked against this run\n\n{}\n{notes}",
+                report(&micro, &e2e),
+                targets::table(&checks)
+            );
             std::fs::write("BENCHMARKS.md", &report).expect("write BENCHMARKS.md");
             print!("{report}");
         }

@@ -15,6 +15,8 @@ use lb::{
     datapath::{XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES};
+
+use crate::targets::Check;
 use lb_tests::{
     packet::{Tcp, ACK, SYN},
     routed::{balancer, balancer_scheduling, routed_host, CLIENT, VIP},
@@ -79,8 +81,9 @@ fn new_flows(b: &Balancer) -> u64 {
     b.datapath.counters().unwrap()[Counter::NewFlows as usize]
 }
 
-/// Runs the cases and returns the report as a Markdown table.
-pub fn run() -> String {
+/// Runs the cases; returns the report as a Markdown table, and the checks
+/// against the targets.
+pub fn run() -> (String, Vec<Check>) {
     let ns = routed_host(256);
     let mut scale: Option<(usize, std::time::Duration, std::time::Duration, Option<u64>, Option<u64>)> = None;
     let rows = ns.run(|| {
@@ -140,6 +143,20 @@ pub fn run() -> String {
         rows
     });
 
+    let over = |case: &str| rows.iter().find(|r| r.case == case).map_or(f64::NAN, |r| r.mean - r.floor);
+    let established = over("established client→backend").max(over("reply backend→client"));
+    let mut checks = vec![Check {
+        target: "established and reply packets within 60 ns of the floor",
+        measured: format!("+{established:.0} ns (the slower of the two)"),
+        met: established <= 60.0,
+    }];
+    for (case, name) in [
+        ("new flow (SYN), 256 backends", "SYN with 256 backends within 300 ns of the floor (least_conn)"),
+        ("new flow (SYN), 256 backends, random_two_least_conn", "SYN with 256 backends within 300 ns of the floor (random_two_least_conn)"),
+    ] {
+        let syn = over(case);
+        checks.push(Check { target: name, measured: format!("+{syn:.0} ns"), met: syn <= 300.0 });
+    }
     let mut out = format!(
         "BPF_PROG_TEST_RUN, one run per call, {CALLS} calls per case, each next to a call of the floor \
          (a pass-only program); means are of the middle 90 % of calls.\n\n"
@@ -181,7 +198,7 @@ pub fn run() -> String {
             ));
         }
     }
-    out
+    (out, checks)
 }
 
 /// The kernel memory of a loaded map, found by name and size (bpftool).
@@ -193,4 +210,3 @@ fn map_memory(name: &str, entries: u64) -> Option<u64> {
         .find(|m| m["name"] == name && m["max_entries"] == entries)
         .and_then(|m| m["bytes_memlock"].as_u64())
 }
-
