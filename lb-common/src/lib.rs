@@ -107,6 +107,7 @@ impl BackendSet {
             self.candidates[count] = Candidate {
                 per_connection: WEIGHT_SCALE / b.weight,
                 cap: if b.max_conns == 0 { u32::MAX } else { b.max_conns },
+                cumulative_weight: b.weight,
                 slot: slot as u16,
                 // The scheduler's sort key has two bits for it.
                 tier: b.tier.min(3),
@@ -118,6 +119,11 @@ impl BackendSet {
         candidates.sort_unstable_by_key(|c| (c.tier, c.slot));
         let lowest = candidates.first().map(|c| c.tier);
         self.lowest_tier_count = candidates.iter().take_while(|c| Some(c.tier) == lowest).count() as u32;
+        let mut sum = 0u32;
+        for (i, c) in candidates.iter_mut().enumerate() {
+            sum += c.cumulative_weight;
+            c.cumulative_weight = if i < self.lowest_tier_count as usize { sum } else { 0 };
+        }
         self.candidate_count = count as u32;
         self.candidates[count..].fill(Candidate::default());
     }
@@ -136,6 +142,9 @@ pub struct Candidate {
     pub per_connection: u32,
     /// Takes no new flow at this many active connections (`u32::MAX`: no cap).
     pub cap: u32,
+    /// In the lowest tier, the sum of the weights of this candidate and
+    /// those before it: `random_two_least_conn` picks by weight with it.
+    pub cumulative_weight: u32,
     pub slot: u16,
     pub tier: u8,
     pub _pad: u8,
@@ -460,8 +469,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
-        assert_eq!(size_of::<Candidate>(), 12);
-        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize);
+        assert_eq!(size_of::<Candidate>(), 16);
+        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 16) * MAX_BACKENDS as usize);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<NextHop>(), 24);
@@ -501,6 +510,8 @@ mod tests {
         let slots: [u16; 3] = core::array::from_fn(|i| set.candidates[i].slot);
         assert_eq!((set.candidate_count, set.lowest_tier_count, slots), (3, 2, [1, 4, 0]));
         assert_eq!(set.candidates[0].per_connection, WEIGHT_SCALE / 4);
+        let cumulative: [u32; 3] = core::array::from_fn(|i| set.candidates[i].cumulative_weight);
+        assert_eq!(cumulative, [4, 5, 0], "running sums of the lowest tier's weights");
         assert_eq!((set.candidates[0].cap, set.candidates[1].cap), (7, u32::MAX));
         // Only backups left: they are the lowest tier present.
         set.slots[1].flags = 0;

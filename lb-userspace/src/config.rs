@@ -105,8 +105,9 @@ pub enum Scheduler {
     /// IPVS `wlc`).
     #[default]
     LeastConn,
-    /// Weighted least connections between two backends picked at random
-    /// (nginx `random two least_conn`): a new connection costs the same
+    /// Weighted least connections between two backends picked at random in
+    /// proportion to their weights (nginx `random two least_conn`): a new
+    /// connection costs the same
     /// whatever the pool's size; for pools of many dozens of backends.
     RandomTwoLeastConn,
 }
