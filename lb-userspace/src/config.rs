@@ -107,8 +107,8 @@ pub enum Scheduler {
     LeastConn,
     /// Weighted least connections between two backends picked at random in
     /// proportion to their weights (nginx `random two least_conn`): a new
-    /// connection costs the same
-    /// whatever the pool's size; for pools of many dozens of backends.
+    /// connection costs the same whatever the pool's size; for pools of
+    /// many dozens of backends.
     RandomTwoLeastConn,
 }
 
