@@ -80,7 +80,15 @@ pub struct BackendSet {
     /// among them needs: the data path's scan reads only these. Built from
     /// `slots` by `index_candidates`.
     pub candidates: [Candidate; MAX_BACKENDS as usize],
+    /// Indexes of lowest-tier candidates, each in as many entries as its
+    /// share of the tier's weight: `random_two_least_conn` picks a backend
+    /// in proportion to its weight with one random entry.
+    pub pick_table: [u8; PICK_TABLE],
 }
+
+/// Entries of `BackendSet::pick_table`: a weight's share is followed to
+/// within half an entry, 0.05 % of the picks.
+pub const PICK_TABLE: usize = 1024;
 
 impl Default for BackendSet {
     fn default() -> Self {
@@ -91,6 +99,7 @@ impl Default for BackendSet {
             scheduler: SCHEDULER_LEAST_CONN,
             slots: [Backend::default(); MAX_BACKENDS as usize],
             candidates: [Candidate::default(); MAX_BACKENDS as usize],
+            pick_table: [0; PICK_TABLE],
         }
     }
 }
@@ -107,7 +116,6 @@ impl BackendSet {
             self.candidates[count] = Candidate {
                 per_connection: WEIGHT_SCALE / b.weight,
                 cap: if b.max_conns == 0 { u32::MAX } else { b.max_conns },
-                cumulative_weight: b.weight,
                 slot: slot as u16,
                 // The scheduler's sort key has two bits for it.
                 tier: b.tier.min(3),
@@ -119,10 +127,21 @@ impl BackendSet {
         candidates.sort_unstable_by_key(|c| (c.tier, c.slot));
         let lowest = candidates.first().map(|c| c.tier);
         self.lowest_tier_count = candidates.iter().take_while(|c| Some(c.tier) == lowest).count() as u32;
-        let mut sum = 0u32;
-        for (i, c) in candidates.iter_mut().enumerate() {
-            sum += c.cumulative_weight;
-            c.cumulative_weight = if i < self.lowest_tier_count as usize { sum } else { 0 };
+        // The pick table: entry j is the lowest-tier candidate whose share
+        // of the tier's total weight covers the point (j + ½) / PICK_TABLE.
+        let weights: [u64; MAX_BACKENDS as usize] = core::array::from_fn(|i| {
+            let slot = self.candidates[i].slot as usize;
+            if i < self.lowest_tier_count as usize { self.slots[slot].weight as u64 } else { 0 }
+        });
+        let total: u64 = weights.iter().sum();
+        let (mut candidate, mut covered) = (0usize, weights[0]);
+        for (j, entry) in self.pick_table.iter_mut().enumerate() {
+            let point = (2 * j as u64 + 1) * total / (2 * PICK_TABLE as u64);
+            while covered <= point && candidate + 1 < self.lowest_tier_count as usize {
+                candidate += 1;
+                covered += weights[candidate];
+            }
+            *entry = candidate as u8;
         }
         self.candidate_count = count as u32;
         self.candidates[count..].fill(Candidate::default());
@@ -142,9 +161,6 @@ pub struct Candidate {
     pub per_connection: u32,
     /// Takes no new flow at this many active connections (`u32::MAX`: no cap).
     pub cap: u32,
-    /// In the lowest tier, the sum of the weights of this candidate and
-    /// those before it: `random_two_least_conn` picks by weight with it.
-    pub cumulative_weight: u32,
     pub slot: u16,
     pub tier: u8,
     pub _pad: u8,
@@ -469,8 +485,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
-        assert_eq!(size_of::<Candidate>(), 16);
-        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 16) * MAX_BACKENDS as usize);
+        assert_eq!(size_of::<Candidate>(), 12);
+        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize + PICK_TABLE);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 56);
         assert_eq!(size_of::<NextHop>(), 24);
@@ -510,8 +526,10 @@ mod tests {
         let slots: [u16; 3] = core::array::from_fn(|i| set.candidates[i].slot);
         assert_eq!((set.candidate_count, set.lowest_tier_count, slots), (3, 2, [1, 4, 0]));
         assert_eq!(set.candidates[0].per_connection, WEIGHT_SCALE / 4);
-        let cumulative: [u32; 3] = core::array::from_fn(|i| set.candidates[i].cumulative_weight);
-        assert_eq!(cumulative, [4, 5, 0], "running sums of the lowest tier's weights");
+        // Weights 4 and 1 in the lowest tier: 4/5 and 1/5 of the pick table.
+        let first = set.pick_table.iter().filter(|&&c| c == 0).count();
+        let second = set.pick_table.iter().filter(|&&c| c == 1).count();
+        assert_eq!((first, second), (819, 205));
         assert_eq!((set.candidates[0].cap, set.candidates[1].cap), (7, u32::MAX));
         // Only backups left: they are the lowest tier present.
         set.slots[1].flags = 0;

@@ -22,7 +22,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
-use lb_common::{ActiveCounts, Backend, BackendSet, MAX_BACKENDS, SCHEDULER_RANDOM_TWO};
+use lb_common::{ActiveCounts, Backend, BackendSet, MAX_BACKENDS, PICK_TABLE, SCHEDULER_RANDOM_TWO};
 
 use crate::maps::{ACTIVE, BACKENDS};
 
@@ -70,8 +70,9 @@ pub fn choose(service: u32, avoid: u32) -> Option<Choice> {
         // proportion to its weight (as nginx does): a uniform pick would cap
         // a heavy backend's share at the chance of being picked. If neither
         // can take the flow, the full scan below finds one that can.
-        let first = pick_by_weight(set, lowest_tier, random);
-        let mut second = pick_by_weight(set, lowest_tier, unsafe { bpf_get_prandom_u32() });
+        let table = unsafe { &(*set).pick_table };
+        let first = table[(random as usize) % PICK_TABLE] as u32;
+        let mut second = table[((random >> 16) as usize) % PICK_TABLE] as u32;
         if second == first {
             second = if first + 1 < lowest_tier { first + 1 } else { 0 };
         }
@@ -91,44 +92,6 @@ pub fn choose(service: u32, avoid: u32) -> Option<Choice> {
     let index = (scan.best as u32).wrapping_add(scan.start) & INDEX_MASK;
     let slot = unsafe { (*set).candidates[index as usize].slot } as u32 & INDEX_MASK;
     Some(Choice { slot: slot as u16, backend: unsafe { (*set).slots[slot as usize] } })
-}
-
-/// The first of the first `n` candidates whose running weight sum exceeds
-/// `random` modulo their total: a binary search, eight steps for 256, under
-/// `bpf_loop` so the verifier checks one step rather than every path.
-#[inline(always)]
-fn pick_by_weight(set: *const BackendSet, n: u32, random: u32) -> u32 {
-    let total = unsafe { (*set).candidates[((n - 1) & INDEX_MASK) as usize].cumulative_weight };
-    if total == 0 {
-        return 0;
-    }
-    let mut search = Search { set, target: random % total, low: 0, high: n };
-    unsafe { bpf_loop(9, search_step as *mut c_void, &mut search as *mut Search as *mut c_void, 0) };
-    if search.low < n { search.low } else { n - 1 }
-}
-
-#[repr(C)]
-struct Search {
-    set: *const BackendSet,
-    target: u32,
-    low: u32,
-    high: u32,
-}
-
-#[inline(never)]
-extern "C" fn search_step(_i: u64, ctx: *mut c_void) -> i64 {
-    let search = unsafe { &mut *(ctx as *mut Search) };
-    if search.low >= search.high {
-        return 1; // found: stop
-    }
-    let middle = (search.low + search.high) / 2;
-    let cumulative = unsafe { (*search.set).candidates[(middle & INDEX_MASK) as usize].cumulative_weight };
-    if cumulative > search.target {
-        search.high = middle;
-    } else {
-        search.low = middle + 1;
-    }
-    0
 }
 
 /// Candidates one `bpf_loop` step looks at: the loop calls its callback once
