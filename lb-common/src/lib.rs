@@ -105,8 +105,8 @@ impl Default for BackendSet {
 }
 
 impl BackendSet {
-    /// Rebuilds `candidates` from `slots`: every eligible slot with a weight,
-    /// lowest tier first.
+    /// Rebuilds `candidates` from `slots` (every eligible slot with a weight,
+    /// lowest tier first) and the lowest tier's `pick_table`.
     pub fn index_candidates(&mut self) {
         let mut count = 0;
         for (slot, b) in self.slots.iter().enumerate().take(self.len.min(MAX_BACKENDS) as usize) {
