@@ -131,36 +131,24 @@ pub fn remove_on_interrupt() {
 
 fn remove_this_runs() {
     let own = format!("{PREFIX}{}-", std::process::id());
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            if name.starts_with(&own) {
-                remove(name);
-            }
-        }
-    }
-    // Pins, and the labs' working directories.
-    for dir in [std::path::PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&own) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+    remove_where(|name| name.starts_with(&own));
 }
 
 /// Removes namespaces, the data paths their labs pinned in bpffs and their
 /// working directories, left by earlier runs whose process is gone.
 fn sweep_leftovers() {
-    let dead = |name: &str| {
+    remove_where(|name| {
         let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()).unwrap_or("");
         !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    };
-    // Pins, and the labs' working directories.
+    });
+}
+
+/// Removes the namespaces, bpffs pins and labs' working directories whose
+/// name `matches`.
+fn remove_where(matches: impl Fn(&str) -> bool) {
     for dir in [std::path::PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PREFIX) && dead(&name) {
+            if matches(&entry.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -168,7 +156,7 @@ fn sweep_leftovers() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        if dead(name) {
+        if matches(name) {
             remove(name);
         }
     }
