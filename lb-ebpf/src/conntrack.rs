@@ -9,7 +9,7 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     flow_closed, flow_timeout, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
     DIR_REPLY, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_EXPIRED, FLOW_GENERATION_ONE, FLOW_RESET,
-    MAX_BACKENDS, PROTO_TCP,
+    MAX_BACKENDS, PROTO_TCP, TCP_FIN, TCP_RST,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
     clock::Now,
     maps::{ACTIVE, FLOWS, SERVICES},
     nat::csum_diffs,
-    parse::{TcpPacket, TCP_FIN, TCP_RST},
+    parse::TcpPacket,
     schedule, stats,
 };
 
@@ -83,10 +83,8 @@ pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: &Now) -> Trac
 /// destination, its VIP the reply's rewrite target.
 #[inline(always)]
 fn forward_of_reply(key: &FlowKey, reply: *const Flow) -> Option<*mut Flow> {
-    let (vip, vport, service, slot) =
-        unsafe { ((*reply).nat_addr, (*reply).nat_port, (*reply).service, (*reply).slot) };
-    let forward_key = FlowKey { saddr: key.daddr, daddr: vip, sport: key.dport, dport: vport };
-    let forward = FLOWS.get_ptr_mut(&forward_key)?;
+    let (service, slot) = unsafe { ((*reply).service, (*reply).slot) };
+    let forward = FLOWS.get_ptr_mut(&key.forward(unsafe { &*reply }))?;
     let same = unsafe {
         (*forward).direction == DIR_FORWARD
             && (*forward).service == service
@@ -151,10 +149,7 @@ pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>) -> Option<u32> {
 /// a passive health failure, and the flow may move to another backend.
 #[inline(always)]
 fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
-    let reply_key = unsafe {
-        FlowKey { saddr: (*forward).nat_addr, daddr: key.saddr, sport: (*forward).nat_port, dport: key.sport }
-    };
-    match FLOWS.get_ptr(&reply_key) {
+    match FLOWS.get_ptr(&key.reply(unsafe { &*forward })) {
         Some(reply) => unsafe { (*reply).last_seen == 0 },
         None => true,
     }
@@ -210,12 +205,7 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
         last_seen: now,
         ..Flow::default()
     };
-    let reply_key = FlowKey {
-        saddr: backend.addr,
-        daddr: key.saddr,
-        sport: backend.port,
-        dport: key.sport,
-    };
+    let reply_key = key.reply(&forward);
     let (ip_diff, l4_diff) = csum_diffs(backend.addr, backend.port, key.daddr, key.dport);
     let reply = Flow {
         service,
@@ -244,14 +234,7 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
                 // this CPU the one that ends it on the old one.
                 unsafe { release((*entry).service, (*entry).slot) };
             }
-            let old_reply_key = unsafe {
-                FlowKey {
-                    saddr: (*entry).nat_addr,
-                    daddr: key.saddr,
-                    sport: (*entry).nat_port,
-                    dport: key.sport,
-                }
-            };
+            let old_reply_key = key.reply(unsafe { &*entry });
             if old_reply_key != reply_key {
                 let _ = FLOWS.remove(&old_reply_key);
             }
@@ -308,23 +291,16 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     let Some(forward) = FLOWS.get_ptr_mut(key) else {
         return false;
     };
-    let (observed, last_seen, backend, backend_port, service, slot) = unsafe {
+    let (observed, last_seen, service, slot) = unsafe {
         if (*forward).direction != DIR_FORWARD {
             return false;
         }
-        (
-            core::ptr::read_volatile(&(*forward).state),
-            (*forward).last_seen,
-            (*forward).nat_addr,
-            (*forward).nat_port,
-            (*forward).service,
-            (*forward).slot,
-        )
+        (core::ptr::read_volatile(&(*forward).state), (*forward).last_seen, (*forward).service, (*forward).slot)
     };
     if observed & FLOW_EXPIRED != 0 {
         return false;
     }
-    let reply_key = FlowKey { saddr: backend, daddr: key.saddr, sport: backend_port, dport: key.sport };
+    let reply_key = key.reply(unsafe { &*forward });
     let mut replied_at = 0u64;
     let mut reply_is_ours = false;
     if let Some(reply) = FLOWS.get_ptr(&reply_key) {

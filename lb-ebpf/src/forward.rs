@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, NextHop, DIR_FORWARD, MAX_BACKENDS, PROTO_TCP};
+use lb_common::{backend_index, BackendHop, Counter, Flow, NextHop, DIR_FORWARD, PROTO_TCP};
 
 use crate::{
     clock::Now,
@@ -94,21 +94,9 @@ fn fresh(hop: &NextHop, now: &Now) -> bool {
     hop.ifindex != 0 && now.ticks.wrapping_sub(hop.at) < now.hop_ttl
 }
 
-/// A backend's next hop, with the backend's address: a slot may have
-/// changed backends since (its old flows' trailing packets must not take the
-/// new one's hop).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct BackendHop {
-    addr: u32,
-    _pad: u32,
-    hop: NextHop,
-}
-
 #[inline(always)]
 fn backend_hop(flow: &Flow) -> Option<*mut BackendHop> {
-    let index = flow.service as u32 * MAX_BACKENDS + (flow.slot as u32 & (MAX_BACKENDS - 1));
-    BACKEND_HOPS.get_ptr_mut(index)
+    BACKEND_HOPS.get_ptr_mut(backend_index(flow.service as u32, flow.slot as u32))
 }
 
 /// Forwards as a router does (one hop less) to `hop`.

@@ -87,7 +87,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     let (flow, entry): (&Flow, _) = match (&opened, existing) {
         (Some(flow), _) => (flow, None),
         (None, Some(entry)) => {
-            if conntrack::answer_with_reset(unsafe { &*entry }) && pkt.flags & parse::TCP_RST == 0 {
+            if conntrack::answer_with_reset(unsafe { &*entry }) && pkt.flags & lb_common::TCP_RST == 0 {
                 let action = reset::answer(ctx, &pkt);
                 return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
             }

@@ -1,12 +1,11 @@
 //! The maps the program shares with the agent. Sizes here are defaults; the
 //! agent sets the connection table's size at load time.
-use crate::forward::BackendHop;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
+    ActiveCounts, BackendHop, BackendSet, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 

@@ -3,13 +3,8 @@
 use core::mem;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Counter, FlowKey, PROTO_TCP};
+use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.

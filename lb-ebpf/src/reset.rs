@@ -7,10 +7,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::{
-    csum::fold,
-    parse::{TcpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-};
+use lb_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+use crate::{csum::fold, parse::TcpPacket};
 
 const FRAME_LEN: usize = 14 + 20 + 20;
 

@@ -1,5 +1,5 @@
 //! Per-CPU counters: no locks and no shared cache lines on the packet path.
-use lb_common::{BackendStats, Counter, Flow, DIR_FORWARD, MAX_BACKENDS};
+use lb_common::{backend_index, BackendStats, Counter, Flow, DIR_FORWARD};
 
 use crate::maps::{BACKEND_STATS, COUNTERS};
 
@@ -24,8 +24,7 @@ pub fn count_verdict(verdict: Counter) {
 
 #[inline(always)]
 pub fn backend(service: u16, slot: u16) -> Option<*mut BackendStats> {
-    let index = service as u32 * MAX_BACKENDS + (slot as u32 & (MAX_BACKENDS - 1));
-    BACKEND_STATS.get_ptr_mut(index)
+    BACKEND_STATS.get_ptr_mut(backend_index(service as u32, slot as u32))
 }
 
 /// Counts a forwarded packet on its backend, by direction.

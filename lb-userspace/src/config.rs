@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use lb_common::{Timeouts, MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
-use crate::health::HealthConfig;
+/// Where the agent serves its control socket unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +46,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             interfaces: Vec::new(),
-            socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            socket: PathBuf::from(DEFAULT_SOCKET),
             xdp_mode: XdpModeSetting::Auto,
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
             max_services: MAX_SERVICES,
@@ -138,7 +139,7 @@ pub enum Mode {
     Nat,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -238,6 +239,70 @@ fn default_max_fails() -> u32 {
 
 fn default_fail_timeout() -> f64 {
     10.0
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// Active checks of one service's backends. The defaults find a dead
+/// backend in about a second (3 failures 0.25 s apart, each allowed 0.35 s)
+/// and need three failures in a row, so one slow answer does not flap it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Seconds between the starts of two checks.
+    pub interval: f64,
+    /// Seconds a check may take.
+    pub timeout: f64,
+    /// Successes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+    /// Check this port instead of the backend's own.
+    pub port: Option<u16>,
+    /// HTTP: the path to GET and the status codes that mean healthy.
+    pub path: String,
+    pub expect_status: [u16; 2],
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            interval: 0.25,
+            timeout: 0.35,
+            rise: 2,
+            fall: 3,
+            port: None,
+            path: "/health".into(),
+            expect_status: [200, 399],
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.interval >= 0.01 && self.timeout >= 0.01 && self.interval.is_finite() && self.timeout.is_finite()) {
+            anyhow::bail!("health: interval and timeout must be at least 0.01 seconds");
+        }
+        if self.rise == 0 || self.fall == 0 {
+            anyhow::bail!("health: rise and fall must be at least 1");
+        }
+        if !self.path.starts_with('/') {
+            anyhow::bail!("health: path must start with '/', as in \"/health\"");
+        }
+        if self.expect_status[0] > self.expect_status[1] {
+            anyhow::bail!("health: expect_status is a range [low, high]");
+        }
+        Ok(())
+    }
 }
 
 impl Config {

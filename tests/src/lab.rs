@@ -165,6 +165,25 @@ impl Lab {
     }
 }
 
+/// The usual start of an end-to-end test: the serial lock, a lab with one
+/// echo server per weight, and an agent balancing over them with `weights`
+/// (`agent_extra` goes into `[agent]`). Dropped, it stops the agent, then
+/// the servers, then removes the lab, then lets the next test run.
+pub struct Running {
+    pub agent: Agent,
+    pub servers: Vec<EchoServer>,
+    pub lab: Lab,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+pub fn start(weights: &[u32], agent_extra: &str) -> Running {
+    let serial = crate::serial();
+    let lab = Lab::new(weights.len());
+    let servers = lab.start_servers();
+    let agent = lab.start_agent(&lab.config(weights, agent_extra));
+    Running { agent, servers, lab, _serial: serial }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -5,9 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb::{
-    balancer::Balancer,
+    reconcile::Balancer,
     config::{BackendConfig, Mode, Scheduler, ServiceConfig},
-    datapath::Datapath,
+    datapath::{Datapath, Maps},
 };
 
 use crate::{

@@ -10,9 +10,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb::{
-    balancer::Balancer,
+    reconcile::Balancer,
     config::Scheduler,
-    datapath::{XDP_PASS, XDP_REDIRECT},
+    datapath::{Maps, XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES};
 
@@ -135,7 +135,7 @@ pub fn run() -> (String, Vec<Check>) {
         let read = b.datapath.flows().len();
         let read_time = started.elapsed();
         let started = std::time::Instant::now();
-        let report = lb::aging::age(&mut b.datapath, &never, false).unwrap();
+        let report = lb::runtime::aging::age(&mut b.datapath, &never, false).unwrap();
         assert_eq!(report.expired, 0);
         let scan = started.elapsed();
         let stats = map_memory("BACKEND_STATS", (MAX_SERVICES * MAX_BACKENDS) as u64);

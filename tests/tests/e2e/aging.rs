@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use lb_tests::{
-    lab::{Lab, VIP},
-    serial,
+    lab::{start, VIP},
     servers::{connect, request},
 };
 
@@ -13,10 +12,8 @@ const SHORT_TIMEOUTS: &str = "aging_interval_ms = 200\n\
 
 #[test]
 fn idle_flows_are_aged_out_and_their_counts_released() {
-    let _serial = serial();
-    let lab = Lab::new(2);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1], SHORT_TIMEOUTS));
+    let running = start(&[1, 1], SHORT_TIMEOUTS);
+    let (lab, agent) = (&running.lab, &running.agent);
 
     let idle = connect(&lab.client, VIP).unwrap();
     let busy = connect(&lab.client, VIP).unwrap();
@@ -49,10 +46,8 @@ fn idle_flows_are_aged_out_and_their_counts_released() {
 
 #[test]
 fn churn_with_aging_running_leaves_every_count_at_zero() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], SHORT_TIMEOUTS));
+    let running = start(&[1, 1, 1], SHORT_TIMEOUTS);
+    let (lab, agent) = (&running.lab, &running.agent);
     // Many short connections while the agent ages closed flows under them,
     // with port reuse from the client's side.
     std::thread::scope(|s| {

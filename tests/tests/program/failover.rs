@@ -2,9 +2,9 @@
 //! handshakes, backup tiers, connection caps, and flows reset because their
 //! backend died.
 use lb::{
-    balancer::Admin,
+    api::Admin,
     config::BackendConfig,
-    datapath::{XDP_DROP, XDP_REDIRECT},
+    datapath::{Maps, XDP_DROP, XDP_REDIRECT},
 };
 use lb_common::Counter;
 use lb_tests::{
@@ -12,7 +12,7 @@ use lb_tests::{
     routed::{active, backend, backend_index, client, counter, open, run, with_balancer, VIP},
 };
 
-fn passive(b: &lb::balancer::Balancer, i: usize) -> (u64, u64) {
+fn passive(b: &lb::reconcile::Balancer, i: usize) -> (u64, u64) {
     let s = &b.status().unwrap().services[0].backends[i];
     (s.refused, s.unanswered)
 }

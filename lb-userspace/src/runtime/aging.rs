@@ -2,26 +2,81 @@
 //! state's timeout and hands them to the kernel's expire program, which checks
 //! again and removes each one together with its connection count, atomically
 //! with respect to packets arriving at the same moment.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use lb_common::{flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_REPLY};
 
-use crate::datapath::Datapath;
+use crate::{
+    datapath::{Datapath, Maps},
+    reconcile::Balancer,
+};
 
-/// The key of a forward flow's reply entry.
-pub fn reply_key(forward_key: &FlowKey, forward: &Flow) -> FlowKey {
-    FlowKey {
-        saddr: forward.nat_addr,
-        daddr: forward_key.saddr,
-        sport: forward.nat_port,
-        dport: forward_key.sport,
-    }
+/// Above this share of the connection table in use, half-open flows are
+/// aged after `PRESSURE_SYN_TIMEOUT_NS`.
+const PRESSURE: f64 = 0.9;
+const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
+/// Every this many aging scans, also look for leftover reply entries.
+const ORPHAN_SCAN_EVERY: u64 = 30;
+
+/// The aging loop's state: when the next scan may run, and the pressure
+/// warning's rate limit.
+pub struct Aging {
+    timeouts: Timeouts,
+    next_scan: Instant,
+    scans: u64,
+    pressure_warned: Option<Instant>,
 }
 
-/// The key of a reply entry's forward entry.
-fn forward_key(reply_key: &FlowKey, reply: &Flow) -> FlowKey {
-    FlowKey { saddr: reply_key.daddr, daddr: reply.nat_addr, sport: reply_key.dport, dport: reply.nat_port }
+impl Aging {
+    /// `timeouts` in nanoseconds.
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self { timeouts, next_scan: Instant::now(), scans: 0, pressure_warned: None }
+    }
+
+    /// One aging tick: a scan unless the last one was too recent, then
+    /// reclaiming the slots whose flows have gone.
+    pub fn tick(&mut self, b: &mut Balancer<Datapath>) {
+        if Instant::now() < self.next_scan {
+            return;
+        }
+        let occupancy = b.flows_seen as f64 / b.datapath.max_flows() as f64;
+        let mut t = self.timeouts;
+        if occupancy > PRESSURE {
+            // Half-open flows (a SYN flood, say) go first, so that
+            // established ones never have to make room.
+            t.syn = t.syn.min(PRESSURE_SYN_TIMEOUT_NS);
+            if self.pressure_warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                tracing::warn!(
+                    occupancy = format!("{:.0}%", occupancy * 100.0),
+                    "connection table under pressure: half-open flows now expire after 2 s; \
+                     new flows are dropped (and counted as table_full) when it is full"
+                );
+                self.pressure_warned = Some(Instant::now());
+            }
+        }
+        self.scans += 1;
+        let started = Instant::now();
+        match age(&mut b.datapath, &t, self.scans.is_multiple_of(ORPHAN_SCAN_EVERY)) {
+            Ok(r) => {
+                b.expired_total += r.expired as u64;
+                b.flows_seen = r.flows;
+                if r.expired > 0 || r.orphans_removed > 0 {
+                    tracing::debug!(expired = r.expired, orphans = r.orphans_removed, "aged flows");
+                }
+            }
+            Err(e) => tracing::warn!("aging the connection table failed: {e:#}"),
+        }
+        // A big table takes a while to read: keep aging to about a tenth of
+        // a CPU.
+        self.next_scan = Instant::now() + started.elapsed() * 9;
+        if let Err(e) = b.reclaim() {
+            tracing::warn!("reclaiming backend slots failed: {e:#}");
+        }
+    }
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -50,7 +105,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
         let idle = now.saturating_sub(flow.last_seen);
         let shortest = flow_timeout(&ticks, flow.state, false).min(flow_timeout(&ticks, flow.state, true));
         if idle >= shortest {
-            candidates.insert(reply_key(key, flow), (*key, flow, 0));
+            candidates.insert(key.reply(flow), (*key, flow, 0));
         }
     }
     if !candidates.is_empty() {
@@ -76,7 +131,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
         let forwards: HashSet<FlowKey> =
             entries.iter().filter(|(_, f)| f.direction == DIR_FORWARD).map(|(k, _)| *k).collect();
         for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_REPLY) {
-            let forward = forward_key(key, flow);
+            let forward = key.forward(flow);
             // Reply entries are created after their forward entry and removed
             // before it, so one without it is left over. Look again: the read
             // is not a snapshot.

@@ -1,146 +1,23 @@
-//! Backend health: active checks run by the agent (TCP connect or HTTP GET)
-//! with rise/fall, and passive failures seen by the data path (handshakes
-//! refused with RST, SYNs left unanswered) counted nginx-style: `max_fails`
-//! within `fail_timeout` marks the backend down for `fail_timeout`.
+//! What the agent knows of one backend's health: active checks with rise
+//! and fall, and passive failures seen by the data path (handshakes refused
+//! with RST, SYNs left unanswered) counted nginx-style: `max_fails` within
+//! `fail_timeout` marks the backend down for `fail_timeout`. Pure: the
+//! checks themselves run in `runtime::checkers`.
 use std::{
     collections::VecDeque,
-    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckKind {
-    #[default]
-    Tcp,
-    Http,
-}
-
-/// Active checks of one service's backends. The defaults find a dead
-/// backend in about a second (3 failures 0.25 s apart, each allowed 0.35 s)
-/// and need three failures in a row, so one slow answer does not flap it.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthConfig {
-    #[serde(rename = "type")]
-    pub kind: CheckKind,
-    /// Seconds between the starts of two checks.
-    pub interval: f64,
-    /// Seconds a check may take.
-    pub timeout: f64,
-    /// Successes in a row that bring a down backend up.
-    pub rise: u32,
-    /// Failures in a row that take an up backend down.
-    pub fall: u32,
-    /// Check this port instead of the backend's own.
-    pub port: Option<u16>,
-    /// HTTP: the path to GET and the status codes that mean healthy.
-    pub path: String,
-    pub expect_status: [u16; 2],
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            kind: CheckKind::Tcp,
-            interval: 0.25,
-            timeout: 0.35,
-            rise: 2,
-            fall: 3,
-            port: None,
-            path: "/health".into(),
-            expect_status: [200, 399],
-        }
-    }
-}
-
-impl HealthConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if !(self.interval >= 0.01 && self.timeout >= 0.01 && self.interval.is_finite() && self.timeout.is_finite()) {
-            anyhow::bail!("health: interval and timeout must be at least 0.01 seconds");
-        }
-        if self.rise == 0 || self.fall == 0 {
-            anyhow::bail!("health: rise and fall must be at least 1");
-        }
-        if !self.path.starts_with('/') {
-            anyhow::bail!("health: path must start with '/', as in \"/health\"");
-        }
-        if self.expect_status[0] > self.expect_status[1] {
-            anyhow::bail!("health: expect_status is a range [low, high]");
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckResult {
-    pub ok: bool,
-    pub latency_ms: f64,
-    /// What went wrong, or what was seen ("connected", "HTTP 200").
-    pub detail: String,
-}
-
-/// Runs one check against `address`.
-pub async fn check(address: SocketAddrV4, config: &HealthConfig) -> CheckResult {
-    let target = SocketAddrV4::new(*address.ip(), config.port.unwrap_or(address.port()));
-    let started = Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs_f64(config.timeout), async {
-        let mut stream = TcpStream::connect(target).await.map_err(|e| e.to_string())?;
-        match config.kind {
-            CheckKind::Tcp => Ok("connected".to_string()),
-            CheckKind::Http => http_status(&mut stream, target, config).await,
-        }
-    })
-    .await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    match outcome {
-        Ok(Ok(detail)) => CheckResult { ok: true, latency_ms, detail },
-        Ok(Err(detail)) => CheckResult { ok: false, latency_ms, detail },
-        Err(_) => CheckResult { ok: false, latency_ms, detail: format!("no answer within {}s", config.timeout) },
-    }
-}
-
-async fn http_status(stream: &mut TcpStream, target: SocketAddrV4, config: &HealthConfig) -> Result<String, String> {
-    let request = format!(
-        "GET {} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
-        config.path
-    );
-    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < 4096 {
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {:?}", line.lines().next().unwrap_or("")))?;
-    let [low, high] = config.expect_status;
-    if (low..=high).contains(&status) {
-        Ok(format!("HTTP {status}"))
-    } else {
-        Err(format!("HTTP {status}, expected {low}-{high}"))
-    }
-}
+use crate::api::CheckResult;
 
 /// What the agent knows of one backend's health.
 #[derive(Debug, Clone)]
 pub struct Health {
     /// By active checks; a backend starts up so traffic flows at once.
     active_up: bool,
-    streak: u32,
+    /// Active checks passed, and failed, in a row.
+    passes: u32,
+    fails: u32,
     pub last_check: Option<CheckResult>,
     /// Passive: failure times within the window, and the hold.
     failures: VecDeque<Instant>,
@@ -151,7 +28,7 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { active_up: true, streak: 0, last_check: None, failures: VecDeque::new(), down_until: None, counted: 0 }
+        Self { active_up: true, passes: 0, fails: 0, last_check: None, failures: VecDeque::new(), down_until: None, counted: 0 }
     }
 }
 
@@ -167,28 +44,34 @@ impl Health {
         self.active_up && self.down_until.is_none_or(|until| now >= until)
     }
 
-    /// Records an active check; says whether it changed the active state.
+    /// Records an active check; says whether it changed the backend's
+    /// health. A check that passes ends a passive hold at once: it is better
+    /// evidence than the hold, which only waits out `fail_timeout`.
     pub fn record_check(&mut self, result: CheckResult, rise: u32, fall: u32) -> Option<Change> {
         let ok = result.ok;
         let detail = result.detail.clone();
         self.last_check = Some(result);
-        if ok == self.active_up {
-            self.streak = 0;
-            return None;
+        if ok {
+            self.fails = 0;
+            self.passes += 1;
+        } else {
+            self.passes = 0;
+            self.fails += 1;
         }
-        self.streak += 1;
-        if ok && self.streak >= rise {
-            // Checks that pass again are better evidence than the passive
-            // hold, which only waits out `fail_timeout`.
+        if ok && self.active_up && self.down_until.take().is_some() {
+            self.failures.clear();
+            return Some(Change::Up(format!("active check passed ({detail}): passive hold ended")));
+        }
+        if ok && !self.active_up && self.passes >= rise {
             self.active_up = true;
-            self.streak = 0;
+            self.passes = 0;
             self.down_until = None;
             self.failures.clear();
             return Some(Change::Up(format!("active check passed {rise} times ({detail})")));
         }
-        if !ok && self.streak >= fall {
+        if !ok && self.active_up && self.fails >= fall {
             self.active_up = false;
-            self.streak = 0;
+            self.fails = 0;
             return Some(Change::Down(format!("active check failed {fall} times: {detail}")));
         }
         None
@@ -290,5 +173,16 @@ mod tests {
         assert!(h.is_up(t0 + Duration::from_secs(24)));
         // max_fails 0: off.
         assert_eq!(h.record_passive(100, t0 + Duration::from_secs(30), 0, window), None);
+    }
+
+    #[test]
+    fn one_passing_check_ends_a_passive_hold_while_active_checks_say_up() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        assert!(matches!(h.record_passive(1, t0, 1, Duration::from_secs(10)), Some(Change::Down(_))));
+        assert!(!h.is_up(t0 + Duration::from_secs(1)));
+        assert!(matches!(h.record_check(result(true), 2, 3), Some(Change::Up(_))));
+        assert!(h.is_up(t0 + Duration::from_secs(1)), "up at once, not after the 10 s hold");
+        assert_eq!(h.record_passive(1, t0 + Duration::from_secs(2), 1, Duration::from_secs(10)), None, "the same failure is not counted again");
     }
 }

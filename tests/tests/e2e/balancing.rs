@@ -4,8 +4,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
-    lab::{Agent, Lab, VIP},
-    serial,
+    lab::{start, Agent, VIP},
     servers::{connect, request, Held},
 };
 
@@ -30,10 +29,8 @@ fn active(agent: &Agent) -> Vec<u64> {
 
 #[test]
 fn short_connections_spread_over_every_backend_and_counts_return_to_zero() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     let answered: Vec<String> =
         (0..90).map(|i| request(&lab.client, VIP).unwrap_or_else(|e| panic!("request {i}: {e}"))).collect();
@@ -41,7 +38,7 @@ fn short_connections_spread_over_every_backend_and_counts_return_to_zero() {
     assert_eq!(spread.len(), 3, "every backend should answer: {spread:?}");
     assert!(spread.values().all(|&n| n >= 10), "a backend was starved: {spread:?}");
 
-    all_counts_zero(&agent);
+    all_counts_zero(agent);
     let status = agent.status();
     let totals: Vec<u64> =
         agent.backends().iter().map(|b| b["total_connections"].as_u64().unwrap()).collect();
@@ -50,19 +47,17 @@ fn short_connections_spread_over_every_backend_and_counts_return_to_zero() {
         assert_eq!(totals[i] as usize, spread[*b], "{b}: the balancer's total matches what the client saw");
     }
     assert!(status["counters"]["verdict_redirect"].as_u64().unwrap() > 0, "forwarded by XDP");
-    assert!(agent.stop().success(), "the agent exits cleanly on SIGTERM");
+    assert!(running.agent.stop().success(), "the agent exits cleanly on SIGTERM");
 }
 
 #[test]
 fn held_connections_are_balanced_and_new_ones_go_to_the_least_loaded_backend() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     let mut held: Vec<Held> = (0..12).map(|_| connect(&lab.client, VIP).unwrap()).collect();
     assert_eq!(tally(held.iter().map(|h| h.backend.as_str())).values().collect::<Vec<_>>(), [&4, &4, &4]);
-    assert_eq!(active(&agent), [4, 4, 4], "lb status matches the held connections");
+    assert_eq!(active(agent), [4, 4, 4], "lb status matches the held connections");
 
     // Close b2's connections: the next four all land there.
     held.retain(|h| h.backend != "b2" || h.close().map(|_| false).unwrap());
@@ -71,7 +66,7 @@ fn held_connections_are_balanced_and_new_ones_go_to_the_least_loaded_backend() {
     });
     let next: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
     assert!(next.iter().all(|h| h.backend == "b2"), "went to {:?}", next.iter().map(|h| &h.backend).collect::<Vec<_>>());
-    assert_eq!(active(&agent), [4, 4, 4]);
+    assert_eq!(active(agent), [4, 4, 4]);
 
     // Close two of b3's: the next two go there, then the spread is even again.
     let mut closed = 0;
@@ -92,36 +87,32 @@ fn held_connections_are_balanced_and_new_ones_go_to_the_least_loaded_backend() {
     for h in held.iter().chain(&next).chain(&more) {
         h.close().unwrap();
     }
-    all_counts_zero(&agent);
+    all_counts_zero(agent);
 }
 
 #[test]
 fn weights_shift_the_spread_as_configured() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[3, 2, 1], ""));
+    let running = start(&[3, 2, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     let held: Vec<Held> = (0..24).map(|_| connect(&lab.client, VIP).unwrap()).collect();
     let spread = tally(held.iter().map(|h| h.backend.as_str()));
     assert_eq!(spread["b1"], 12, "weight 3 of 6: {spread:?}");
     assert_eq!(spread["b2"], 8, "weight 2 of 6: {spread:?}");
     assert_eq!(spread["b3"], 4, "weight 1 of 6: {spread:?}");
-    assert_eq!(active(&agent), [12, 8, 4]);
+    assert_eq!(active(agent), [12, 8, 4]);
     let weights: Vec<u64> = agent.backends().iter().map(|b| b["weight"].as_u64().unwrap()).collect();
     assert_eq!(weights, [3, 2, 1]);
     for h in &held {
         h.close().unwrap();
     }
-    all_counts_zero(&agent);
+    all_counts_zero(agent);
 }
 
 #[test]
 fn parallel_clients_on_both_cpus_leave_exact_counts() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     const THREADS: usize = 8;
     const PER_THREAD: usize = 60;
@@ -145,7 +136,7 @@ fn parallel_clients_on_both_cpus_leave_exact_counts() {
     });
     let answered: usize = results.iter().map(Vec::len).sum();
     assert_eq!(answered, THREADS * PER_THREAD, "every connection succeeded");
-    all_counts_zero(&agent);
+    all_counts_zero(agent);
     let total: u64 = agent.backends().iter().map(|b| b["total_connections"].as_u64().unwrap()).sum();
     assert_eq!(total as usize, THREADS * PER_THREAD);
     let closed = agent.status()["counters"]["closed_flows"].as_u64().unwrap();

@@ -17,7 +17,9 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::balancer::{Balancer, Status};
+use lb_common::Counter as DataPathCounter;
+
+use crate::{api::Status, reconcile::Balancer};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -107,7 +109,7 @@ pub fn render(status: &Status, expired_total: u64) -> String {
             bytes.get_or_create(&with("direction", "to_backend")).inc_by(b.bytes_in);
             bytes.get_or_create(&with("direction", "to_client")).inc_by(b.bytes_out);
             up.get_or_create(&labels()).set(b.eligible as i64);
-            state.get_or_create(&with("state", &b.state)).set(1);
+            state.get_or_create(&with("state", &b.state.to_string())).set(1);
             failures.get_or_create(&with("kind", "refused")).inc_by(b.refused);
             failures.get_or_create(&with("kind", "unanswered")).inc_by(b.unanswered);
             if let Some(check) = &b.last_check {
@@ -124,20 +126,22 @@ pub fn render(status: &Status, expired_total: u64) -> String {
     let expired = counter_family(&mut r, "lb_flows_expired", "Idle flows removed by the agent");
     expired.get_or_create(&vec![]).inc_by(expired_total);
 
-    let c = |name: &str| status.counters.get(name).copied().unwrap_or(0);
+    let c = |counter: DataPathCounter| status.counters.get(counter.name()).copied().unwrap_or(0);
     let runs = counter_family(&mut r, "lb_packets", "Packets the XDP program ran on");
-    runs.get_or_create(&vec![]).inc_by(c("packets"));
+    runs.get_or_create(&vec![]).inc_by(c(DataPathCounter::Packets));
     let verdicts = counter_family(&mut r, "lb_verdicts", "XDP verdicts");
-    for v in ["pass", "drop", "redirect"] {
-        verdicts.get_or_create(&vec![("verdict", v.to_string())]).inc_by(c(&format!("verdict_{v}")));
+    for (verdict, counter) in
+        [("pass", DataPathCounter::VerdictPass), ("drop", DataPathCounter::VerdictDrop), ("redirect", DataPathCounter::VerdictRedirect)]
+    {
+        verdicts.get_or_create(&vec![("verdict", verdict.to_string())]).inc_by(c(counter));
     }
     let drops = counter_family(&mut r, "lb_drops", "Packets dropped, by reason");
-    for reason in ["malformed_ip", "malformed_tcp", "no_backend", "table_full", "refusal_swallowed"] {
-        drops.get_or_create(&vec![("reason", reason.to_string())]).inc_by(c(reason));
+    for reason in DataPathCounter::DROPS {
+        drops.get_or_create(&vec![("reason", reason.name().to_string())]).inc_by(c(reason));
     }
     let events = counter_family(&mut r, "lb_events", "Other data-path events");
-    for event in ["new_flows", "closed_flows", "syn_retried", "reset_sent", "no_neighbour", "fib_failed", "fragment"] {
-        events.get_or_create(&vec![("event", event.to_string())]).inc_by(c(event));
+    for event in DataPathCounter::EVENTS {
+        events.get_or_create(&vec![("event", event.name().to_string())]).inc_by(c(event));
     }
 
     let mut out = String::new();

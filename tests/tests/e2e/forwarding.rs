@@ -7,17 +7,14 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{Lab, LB_CLIENT_SIDE, VIP},
-    serial,
+    lab::{start, LB_CLIENT_SIDE, VIP},
     servers::{connect, request, IO_TIMEOUT},
 };
 
 #[test]
 fn a_20_mb_transfer_arrives_byte_exact_both_ways() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     // Pseudo-random bytes, so a dropped, duplicated or reordered segment shows.
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -45,10 +42,8 @@ fn a_20_mb_transfer_arrives_byte_exact_both_ways() {
 
 #[test]
 fn traffic_for_the_balancer_host_itself_is_untouched() {
-    let _serial = serial();
-    let lab = Lab::new(1);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1], ""));
+    let running = start(&[1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     // A TCP service of the host itself (think SSH) on the balancer's address.
     let own = SocketAddrV4::new(LB_CLIENT_SIDE, 2222);
@@ -78,10 +73,8 @@ fn traffic_for_the_balancer_host_itself_is_untouched() {
 
 #[test]
 fn connections_work_before_the_neighbours_are_resolved() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
     for round in 0..3 {
         // The balancer forgets every MAC address: the first packets of each
         // flow go through the kernel, which resolves them.

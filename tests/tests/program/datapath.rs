@@ -6,7 +6,7 @@
 //! route lookup succeeds and rewritten packets are redirected as on a host.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb::datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
+use lb::datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
     packet::{inspect, Tcp, ACK, CLIENT_MAC, FIN, PSH, RST, SYN},
@@ -289,14 +289,14 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         let busy = open(b, 40031);
         run(b, &Tcp::new(idle, client(40030), SYN | ACK).frame());
         let long = Timeouts { syn: 3_600_000_000_000, established: 3_600_000_000_000, fin: 1, closed: 1 };
-        let report = lb::aging::age(&mut b.datapath, &long, true).unwrap();
+        let report = lb::runtime::aging::age(&mut b.datapath, &long, true).unwrap();
         assert_eq!(report.expired, 0, "nothing is idle for an hour");
         assert_eq!(active(b), vec![1, 1]);
 
         // 1 ns timeouts: both are idle now; they go, and their counts with them.
         let short = Timeouts { syn: 1, established: 1, fin: 1, closed: 1 };
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let report = lb::aging::age(&mut b.datapath, &short, true).unwrap();
+        let report = lb::runtime::aging::age(&mut b.datapath, &short, true).unwrap();
         assert_eq!(report.expired, 2);
         assert_eq!(active(b), vec![0, 0]);
         assert_eq!(flow_entries(b), 0);
@@ -304,7 +304,7 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         let again = open(b, 40031);
         run(b, &Tcp::new(client(40031), VIP, RST).frame());
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(lb::aging::age(&mut b.datapath, &short, true).unwrap().expired, 1);
+        assert_eq!(lb::runtime::aging::age(&mut b.datapath, &short, true).unwrap().expired, 1);
         assert_eq!(active(b), vec![0, 0]);
         let _ = (busy, again);
     });
@@ -362,7 +362,7 @@ fn a_data_path_sized_for_two_services_refuses_a_third_and_says_why() {
     let _serial = lb_tests::serial();
     let ns = lb_tests::routed::routed_host(1);
     ns.run(|| {
-        let mut b = lb::balancer::Balancer::new(lb::datapath::Datapath::load_sized(1024, 2).unwrap());
+        let mut b = lb::reconcile::Balancer::new(lb::datapath::Datapath::load_sized(1024, 2).unwrap());
         let service = |i: u8| lb::config::ServiceConfig {
             name: format!("s{i}"),
             vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 80),

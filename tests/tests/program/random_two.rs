@@ -3,7 +3,7 @@
 //! balance by connections per weight, keep backups out while a primary can
 //! serve, and respect caps and the backend a retried SYN avoids.
 use lb::{
-    balancer::{Admin, Balancer},
+    api::Admin, reconcile::Balancer,
     config::{BackendConfig, Scheduler},
     datapath::{XDP_DROP, XDP_REDIRECT},
 };

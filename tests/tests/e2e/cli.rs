@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lb_tests::{
-    lab::{backend_addr, lb_binary, Lab, VIP},
+    lab::{start, backend_addr, lb_binary, Lab, VIP},
     serial,
     servers::{connect, request},
 };
@@ -155,10 +155,8 @@ fn a_bad_config_file_is_refused_with_a_reason() {
 
 #[test]
 fn stats_watch_and_conntrack_filters_show_what_happened() {
-    let _serial = serial();
-    let lab = Lab::new(3);
-    let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let running = start(&[1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
 
     // lb stats: the spread of the connections made while it watched.
     let spread: serde_json::Value = std::thread::scope(|s| {

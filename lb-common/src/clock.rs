@@ -1,0 +1,45 @@
+//! The data path's clock, and how the agent converts to and from it.
+use crate::Timeouts;
+
+/// The data path's clock is the kernel's jiffies counter (`bpf_jiffies64`),
+/// which ticks HZ times a second (100 to 1000, fixed when the kernel is
+/// built): reading it costs a fraction of a nanosecond-clock read, and a
+/// flow's times need no finer grain. The agent measures HZ when it loads the
+/// program and writes this for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub ticks_per_second: u64,
+    /// How long a flow's cached next hop is used before the route is looked
+    /// up again (1 s): route and neighbour changes take effect within it.
+    pub hop_ttl: u64,
+    /// A flow's `last_seen` is refreshed at most this often (0.25 s), to
+    /// keep its cache line clean on most packets.
+    pub touch_every: u64,
+}
+
+impl Clock {
+    pub fn new(ticks_per_second: u64) -> Self {
+        Self { ticks_per_second, hop_ttl: ticks_per_second, touch_every: (ticks_per_second / 4).max(1) }
+    }
+
+    /// Nanoseconds to ticks, rounded up so a timeout is never shortened.
+    pub fn ticks(&self, ns: u64) -> u64 {
+        (ns as u128 * self.ticks_per_second as u128).div_ceil(1_000_000_000).min(u64::MAX as u128) as u64
+    }
+
+    pub fn seconds(&self, ticks: u64) -> f64 {
+        ticks as f64 / self.ticks_per_second.max(1) as f64
+    }
+
+    /// `timeouts` (nanoseconds) in ticks.
+    pub fn timeouts(&self, timeouts: &Timeouts) -> Timeouts {
+        Timeouts {
+            syn: self.ticks(timeouts.syn),
+            established: self.ticks(timeouts.established),
+            fin: self.ticks(timeouts.fin),
+            closed: self.ticks(timeouts.closed),
+        }
+    }
+}
+

@@ -1,0 +1,341 @@
+//! Reconciliation: turns the config, the operator's requests and what a
+//! previous agent left running into the model, and the model into map
+//! writes.
+//!
+//! Every change is made to a copy of the model first; only when all of it
+//! succeeded does the copy replace the model and get written, so a refused
+//! request or reload leaves the running state exactly as it was. Writes are
+//! differences: a service's backend set is written only when it changed.
+mod status;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use lb_common::{flow_closed, BackendSet, FlowKey, DIR_FORWARD};
+
+use crate::{
+    api::{Admin, CheckResult},
+    config::{BackendConfig, Config, ServiceConfig},
+    datapath::{Datapath, Maps},
+    model::{plan::plan, CheckTarget, Model, Placed},
+};
+
+/// How often connection and byte rates are sampled.
+const RATE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Balancer<M: Maps = Datapath> {
+    pub datapath: M,
+    pub model: Model,
+    /// The backend sets last written, by service id.
+    written: HashMap<u32, Box<BackendSet>>,
+    /// The services last written: VIP → id.
+    written_vips: BTreeMap<SocketAddrV4, u32>,
+    /// Idle flows the agent has removed, for the metrics.
+    pub expired_total: u64,
+    /// Flows in the table at the last aging scan.
+    pub flows_seen: u64,
+    counted_by_aging: bool,
+}
+
+impl<M: Maps> Balancer<M> {
+    pub fn new(datapath: M) -> Self {
+        Self {
+            datapath,
+            model: Model::default(),
+            written: HashMap::new(),
+            written_vips: BTreeMap::new(),
+            expired_total: 0,
+            flows_seen: 0,
+            counted_by_aging: false,
+        }
+    }
+
+    /// From now on the status takes its flow count from the aging scans
+    /// (`flows_seen`) when the table is big, instead of reading it each time.
+    pub fn count_flows_by_aging(&mut self) {
+        self.counted_by_aging = true;
+    }
+
+    fn counts(&self, id: u32) -> Result<Vec<u64>> {
+        Ok(self.datapath.active_counts(id)?.active.to_vec())
+    }
+
+    /// Takes in the services a previous agent left in the pinned maps: their
+    /// backends keep their slots (and so their flows' counts) but take no new
+    /// flows until the config claims them. Returns how many it found.
+    pub fn adopt(&mut self) -> usize {
+        let pinned = self.datapath.pinned_services();
+        self.model.adopt(&pinned, Instant::now());
+        for (vip, id, set) in &pinned {
+            self.written.insert(*id, Box::new(*set));
+            self.written_vips.insert(*vip, *id);
+        }
+        pinned.len()
+    }
+
+    /// Removes the adopted services the config did not claim; their flows
+    /// finish.
+    pub fn finish_adoption(&mut self) -> Result<()> {
+        for name in self.model.unclaimed() {
+            tracing::info!(service = %name, "removing a running service that is not in the config");
+            self.remove_service(&name)?;
+        }
+        Ok(())
+    }
+
+    pub fn add_service(&mut self, config: &ServiceConfig) -> Result<()> {
+        let mut model = self.model.clone();
+        let placed = model.add_service(config, self.datapath.max_services(), &|id| self.counts(id), Instant::now())?;
+        self.commit(model, &placed)
+    }
+
+    pub fn remove_service(&mut self, name: &str) -> Result<()> {
+        let mut model = self.model.clone();
+        model.remove_service(name)?;
+        self.commit(model, &[])
+    }
+
+    pub fn add_backend(&mut self, service: &str, backend: &BackendConfig) -> Result<()> {
+        let mut model = self.model.clone();
+        let placed = model.add_backend(service, backend, &|id| self.counts(id), Instant::now())?;
+        self.commit(model, &[placed])
+    }
+
+    pub fn remove_backend(&mut self, service: &str, address: SocketAddrV4) -> Result<()> {
+        self.model.update_member(service, address, |m| {
+            m.removed = true;
+            "removed by operator".into()
+        })?;
+        self.refresh()
+    }
+
+    pub fn set_weight(&mut self, service: &str, address: SocketAddrV4, weight: u32) -> Result<()> {
+        crate::config::validate_backend(service, address, weight)?;
+        self.model.update_member(service, address, |m| {
+            m.config.weight = weight;
+            format!("weight set to {weight}")
+        })?;
+        self.refresh()
+    }
+
+    pub fn set_admin(&mut self, service: &str, address: SocketAddrV4, admin: Admin) -> Result<()> {
+        self.model.update_member(service, address, |m| {
+            m.admin = admin;
+            admin.reason().into()
+        })?;
+        self.refresh()
+    }
+
+    /// Applies a new config as one plan of differences: services and
+    /// backends added, removed or changed (scheduler and health checks
+    /// too); unchanged backends and all established flows are left alone,
+    /// and drains stay. If any step fails, nothing changes. Returns what it
+    /// changed.
+    pub fn reload(&mut self, config: &Config) -> Result<Vec<String>> {
+        config.validate()?;
+        let steps = plan(&self.model, config);
+        let mut model = self.model.clone();
+        let mut placed = Vec::new();
+        let now = Instant::now();
+        for step in &steps {
+            placed.extend(model.apply(step, self.datapath.max_services(), &|id| self.counts(id), now)?);
+        }
+        self.commit(model, &placed)?;
+        Ok(steps.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Makes `model` the running one and writes it: the backends just
+    /// placed start their statistics (fresh slots) and passive-failure
+    /// counting from what the data path has now, so that no failure is
+    /// counted twice across a restart or a reused slot.
+    fn commit(&mut self, model: Model, placed: &[Placed]) -> Result<()> {
+        self.model = model;
+        for p in placed {
+            if p.fresh {
+                self.datapath.clear_backend_stats(p.service, p.slot as u32)?;
+            }
+            let stats = self.datapath.backend_stats(p.service, p.slot as u32)?;
+            let service = self.model.services.iter_mut().find(|s| s.id == p.service);
+            if let Some((_, m)) = service.and_then(|s| s.members_mut().find(|(i, _)| *i == p.slot)) {
+                m.health.reset_passive(stats.refused + stats.unanswered);
+            }
+        }
+        self.refresh()
+    }
+
+    /// An active check's result.
+    pub fn record_check(&mut self, service: &str, address: SocketAddrV4, result: CheckResult) -> Result<()> {
+        let Ok(s) = self.model.service_mut(service) else { return Ok(()) };
+        let Some(health) = s.health.clone() else { return Ok(()) };
+        let Ok(m) = s.member_mut(address) else { return Ok(()) };
+        if let Some(change) = m.health.record_check(result, health.rise, health.fall) {
+            m.note_health(change, service);
+            self.refresh()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the data path's passive failure counters and rates, advances
+    /// slow starts, and writes whatever changed. Called every control tick.
+    pub fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
+        for s in &mut self.model.services {
+            let all_stats = self.datapath.service_backend_stats(s.id, s.slots.len())?;
+            let name = s.name.clone();
+            for (i, m) in s.members_mut() {
+                let stats = &all_stats[i];
+                let bytes = stats.fwd_bytes + stats.reply_bytes;
+                match m.sampled {
+                    Some((at, connections, sampled_bytes)) if now.duration_since(at) >= RATE_INTERVAL => {
+                        let dt = now.duration_since(at).as_secs_f64();
+                        m.connections_per_second = stats.new_flows.saturating_sub(connections) as f64 / dt;
+                        m.bytes_per_second = bytes.saturating_sub(sampled_bytes) as f64 / dt;
+                        m.sampled = Some((now, stats.new_flows, bytes));
+                    }
+                    Some(_) => {}
+                    None => m.sampled = Some((now, stats.new_flows, bytes)),
+                }
+                let window = Duration::from_secs_f64(m.config.fail_timeout);
+                let total = stats.refused + stats.unanswered;
+                if let Some(change) = m.health.record_passive(total, now, m.config.max_fails, window) {
+                    m.note_health(change, &name);
+                }
+            }
+        }
+        self.refresh()
+    }
+
+    /// Decides every backend's eligibility, writes what changed, and resets
+    /// the flows of backends that went down in services with policy `reset`.
+    fn refresh(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let to_reset: Vec<(u32, String, Vec<u16>)> = self
+            .model
+            .services
+            .iter_mut()
+            .map(|s| (s.id, s.name.clone(), s.decide(now)))
+            .filter(|(_, _, slots)| !slots.is_empty())
+            .collect();
+        self.write(now)?;
+        if to_reset.is_empty() {
+            return Ok(());
+        }
+        let flows = self.datapath.flows();
+        for (id, name, slots) in to_reset {
+            let keys: Vec<FlowKey> = flows
+                .iter()
+                .filter(|(_, f)| {
+                    f.direction == DIR_FORWARD
+                        && f.service as u32 == id
+                        && slots.contains(&f.slot)
+                        && !flow_closed(f.state)
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            let reset = self.datapath.reset_flows(&keys)?;
+            if reset > 0 {
+                tracing::warn!(service = %name, flows = reset, "reset the established flows of a dead backend");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the model's services into the maps where they differ from what
+    /// was last written: backends before the service that uses them, and a
+    /// removed service's VIP before its backends are emptied.
+    fn write(&mut self, now: Instant) -> Result<()> {
+        for s in &self.model.services {
+            let active = self.datapath.active_counts(s.id)?;
+            let set = s.backend_set(&active.active, now);
+            let same = self.written.get(&s.id).is_some_and(|w| {
+                w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots
+            });
+            if !same {
+                self.datapath.set_backends(s.id, &set)?;
+                self.written.insert(s.id, Box::new(set));
+            }
+            if self.written_vips.get(&s.vip) != Some(&s.id) {
+                self.datapath.set_service(s.vip, s.id)?;
+                self.written_vips.insert(s.vip, s.id);
+            }
+        }
+        let model = &self.model;
+        let gone_vips: Vec<SocketAddrV4> =
+            self.written_vips.keys().filter(|vip| !model.services.iter().any(|s| s.vip == **vip)).copied().collect();
+        for vip in gone_vips {
+            self.datapath.remove_service(vip)?;
+            self.written_vips.remove(&vip);
+        }
+        // Established flows of a removed service keep their rewrite; its id
+        // waits for their counts.
+        let gone_ids: Vec<u32> =
+            self.written.keys().filter(|id| model.service_by_id(**id).is_none()).copied().collect();
+        for id in gone_ids {
+            self.datapath.set_backends(id, &BackendSet::default())?;
+            self.written.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Frees the slots and ids whose flows have all gone.
+    pub fn reclaim(&mut self) -> Result<()> {
+        for i in 0..self.model.services.len() {
+            let active = self.counts(self.model.services[i].id)?;
+            self.model.services[i].reclaim(&active);
+        }
+        self.write(Instant::now())?;
+        let datapath = &self.datapath;
+        self.model.retired.retain(|id| match datapath.active_counts(*id) {
+            Ok(counts) => counts.active.iter().any(|&n| n != 0),
+            Err(_) => true,
+        });
+        Ok(())
+    }
+
+    /// The health checks that should be running.
+    pub fn check_targets(&self) -> Vec<CheckTarget> {
+        self.model.check_targets()
+    }
+
+    /// Active connections of one backend, for `lb backend drain --wait`.
+    pub fn active_of(&self, service: &str, address: SocketAddrV4) -> Option<u64> {
+        let s = self.model.service(service).ok()?;
+        let (i, _) = s.members().find(|(_, m)| m.config.address == address)?;
+        self.datapath.active_counts(s.id).ok().map(|c| c.active[i])
+    }
+
+    /// Compares each backend's active count with the live flows the table
+    /// holds for it. The kernel keeps the counts exactly, so they agree
+    /// unless flows open or close during the read; a difference that
+    /// persists is a bug worth a report. Returns (slots checked, differing).
+    pub fn verify_counts(&self) -> Result<(usize, Vec<String>)> {
+        let mut live: HashMap<(u32, u16), u64> = HashMap::new();
+        for (_, f) in self.datapath.flows() {
+            if f.direction == DIR_FORWARD && !flow_closed(f.state) {
+                *live.entry((f.service as u32, f.slot)).or_default() += 1;
+            }
+        }
+        let (mut checked, mut differing) = (0, Vec::new());
+        for s in &self.model.services {
+            let counts = self.datapath.active_counts(s.id)?;
+            for (i, m) in s.members() {
+                checked += 1;
+                let flows = live.get(&(s.id, i as u16)).copied().unwrap_or(0);
+                if counts.active[i] != flows {
+                    differing.push(format!(
+                        "{} {}: count {} but {} live flows",
+                        s.name, m.config.address, counts.active[i], flows
+                    ));
+                }
+            }
+        }
+        Ok((checked, differing))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! `lb agent`: loads and attaches the data path, applies the config, then
+//! runs the event loop — control requests, health results, the control
+//! tick, aging — until SIGINT/SIGTERM.
+pub mod aging;
+pub mod checkers;
+pub mod control;
+pub mod metrics;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::programs::XdpMode;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use self::{aging::Aging, checkers::Checkers, control::LoopRequest};
+use crate::{
+    api::Response,
+    config::{Config, XdpModeSetting},
+    datapath::{Datapath, Maps, Pins},
+    reconcile::Balancer,
+};
+
+/// How often passive health, slow starts and drains are looked at.
+const CONTROL_TICK: Duration = Duration::from_millis(100);
+
+/// How the agent was started.
+pub struct Options {
+    pub config_path: PathBuf,
+    /// Take the data path off when the agent stops; otherwise it keeps
+    /// forwarding and the next agent takes it over.
+    pub detach_on_exit: bool,
+}
+
+pub fn run(config: Config, options: Options) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(serve(config, options))
+}
+
+async fn serve(config: Config, options: Options) -> Result<()> {
+    let pins = Pins::new(&config.agent.pin_dir)?;
+    let (datapath, reused) = match Datapath::load_pinned(config.agent.max_flows, config.agent.max_services, &pins) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let _ = pins.remove_if_empty();
+            return Err(e);
+        }
+    };
+    let result = match start(&config, &pins, datapath, reused) {
+        Ok(balancer) => event_loop(config, options, &pins, balancer).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() && !reused {
+        // Nothing was running before this agent: leave nothing behind.
+        let _ = pins.remove_all();
+    }
+    result
+}
+
+/// Takes over what a previous agent left running, applies the config and
+/// attaches to the configured interfaces (and only those).
+fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool) -> Result<Balancer> {
+    if reused && datapath.max_flows() != config.agent.max_flows {
+        tracing::warn!(
+            running = datapath.max_flows(),
+            configured = config.agent.max_flows,
+            "the running connection table keeps its size; `lb shutdown` and start again to resize it"
+        );
+    }
+    if reused && datapath.max_services() != config.agent.max_services {
+        tracing::warn!(
+            running = datapath.max_services(),
+            configured = config.agent.max_services,
+            "the running data path keeps its room for services; `lb shutdown` and start again to change it"
+        );
+    }
+    let mut balancer = Balancer::new(datapath);
+    let adopted = if reused { balancer.adopt() } else { 0 };
+    for service in &config.services {
+        balancer.add_service(service).with_context(|| format!("configuring service {}", service.name))?;
+    }
+    balancer.finish_adoption()?;
+    for interface in &config.agent.interfaces {
+        attach(&mut balancer.datapath, interface, config.agent.xdp_mode, pins)?;
+    }
+    for interface in pins.linked_interfaces() {
+        if !config.agent.interfaces.contains(&interface) {
+            tracing::info!(interface, "detaching from an interface no longer in the config");
+            pins.detach(&interface)?;
+        }
+    }
+    if reused {
+        let flows = balancer.datapath.flow_count();
+        tracing::info!(services = adopted, flows, "took over the running data path: established flows kept");
+        match balancer.verify_counts() {
+            Ok((checked, differing)) if differing.is_empty() => {
+                tracing::info!(backends = checked, "connection counts match the live flows in the table")
+            }
+            Ok((_, differing)) => tracing::warn!(
+                "connection counts differ from the table (flows opening or closing meanwhile?): {}",
+                differing.join("; ")
+            ),
+            Err(e) => tracing::warn!("checking the connection counts failed: {e:#}"),
+        }
+    }
+    balancer.flows_seen = balancer.datapath.flow_count() as u64;
+    balancer.count_flows_by_aging();
+    Ok(balancer)
+}
+
+async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Balancer) -> Result<()> {
+    let balancer = Arc::new(Mutex::new(balancer));
+    if let Some(address) = config.agent.metrics {
+        metrics::serve(address, balancer.clone()).await?;
+    }
+    let listener = control::bind(&config.agent.socket)?;
+    tracing::info!(
+        interfaces = ?config.agent.interfaces,
+        services = config.services.len(),
+        socket = %config.agent.socket.display(),
+        "load balancer running"
+    );
+
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (loop_tx, mut loop_rx) = mpsc::channel::<LoopRequest>(4);
+    let mut aging_tick = tokio::time::interval(Duration::from_millis(config.agent.aging_interval_ms));
+    let mut control_tick = tokio::time::interval(CONTROL_TICK);
+    let mut aging = Aging::new(config.agent.timeouts.to_wire());
+    let (check_results, mut checked) = mpsc::channel(1024);
+    let mut checkers = Checkers::default();
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => {
+                let response = reload(&balancer, &options.config_path);
+                if !response.ok {
+                    tracing::error!("reload refused: {}", response.error.unwrap_or_default());
+                }
+            }
+            Some(request) = loop_rx.recv() => match request {
+                LoopRequest::Reload(reply) => {
+                    let _ = reply.send(reload(&balancer, &options.config_path));
+                }
+                LoopRequest::Shutdown(reply, written) => {
+                    checkers.reconcile(Vec::new(), &check_results);
+                    tracing::info!("shutdown requested: detaching the XDP program and removing its pinned state");
+                    let response = match pins.remove_all() {
+                        Ok(()) => Response::ok(serde_json::Value::Null),
+                        Err(e) => Response::error(format!("{e:#}")),
+                    };
+                    let _ = reply.send(response);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
+                    let _ = std::fs::remove_file(&config.agent.socket);
+                    return Ok(());
+                }
+            },
+            Some((service, address, result)) = checked.recv() => {
+                if let Err(e) = balancer.lock().unwrap().record_check(&service, address, result) {
+                    tracing::warn!("applying a health check result failed: {e:#}");
+                }
+            }
+            _ = control_tick.tick() => {
+                let mut b = balancer.lock().unwrap();
+                if let Err(e) = b.tick() {
+                    tracing::warn!("updating backend states failed: {e:#}");
+                }
+                checkers.reconcile(b.check_targets(), &check_results);
+            }
+            _ = aging_tick.tick() => aging.tick(&mut balancer.lock().unwrap()),
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let balancer = balancer.clone();
+                    let loop_tx = loop_tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = control::answer(stream, balancer, loop_tx).await {
+                            tracing::debug!("control connection: {e:#}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    checkers.reconcile(Vec::new(), &check_results);
+    let _ = std::fs::remove_file(&config.agent.socket);
+    drop(balancer);
+    if options.detach_on_exit {
+        tracing::info!("detaching the XDP program and removing its pinned state");
+        pins.remove_all()?;
+    } else {
+        tracing::info!(
+            pin_dir = %config.agent.pin_dir.display(),
+            "agent stopping; the data path keeps forwarding (`lb shutdown` takes it off)"
+        );
+    }
+    Ok(())
+}
+
+fn reload(balancer: &Mutex<Balancer>, path: &Path) -> Response {
+    match Config::load(path).and_then(|config| balancer.lock().unwrap().reload(&config)) {
+        Ok(changes) => {
+            if changes.is_empty() {
+                tracing::info!("config reloaded: nothing changed");
+            }
+            for change in &changes {
+                tracing::info!("config reloaded: {change}");
+            }
+            Response::ok(serde_json::json!({ "changes": changes }))
+        }
+        Err(e) => Response::error(format!("{e:#}; the running config is unchanged")),
+    }
+}
+
+fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting, pins: &Pins) -> Result<()> {
+    let attached = match mode {
+        XdpModeSetting::Native => datapath
+            .attach_pinned(interface, XdpMode::Driver, pins)
+            .with_context(|| format!("attaching in native mode to {interface}")),
+        XdpModeSetting::Generic => datapath
+            .attach_pinned(interface, XdpMode::Skb, pins)
+            .with_context(|| format!("attaching in generic mode to {interface}")),
+        XdpModeSetting::Auto => datapath.attach_pinned(interface, XdpMode::Driver, pins).or_else(|e| {
+            tracing::warn!(interface, "native XDP is not available ({e:#}); falling back to generic mode, which is slower");
+            datapath
+                .attach_pinned(interface, XdpMode::Skb, pins)
+                .with_context(|| format!("attaching to {interface} (does the interface exist?)"))
+        }),
+    }?;
+    if attached {
+        tracing::info!(interface, "took over the running program's attachment (atomic replace)");
+    } else {
+        tracing::info!(interface, "attached");
+    }
+    Ok(())
+}

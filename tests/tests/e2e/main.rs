@@ -1,0 +1,11 @@
+//! End to end: real connections from client namespaces through the agent
+//! and its XDP program to real servers, one module per feature; the lab and
+//! its start-up in `lb_tests::lab`.
+mod aging;
+mod balancing;
+mod cli;
+mod failover;
+mod forwarding;
+mod metrics;
+mod reload;
+mod restart;
