@@ -15,6 +15,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod datapath;
+#[cfg(test)]
+mod fixtures;
 pub mod model;
 pub mod reconcile;
 pub mod runtime;

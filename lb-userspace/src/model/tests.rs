@@ -7,6 +7,8 @@ use std::{
 
 use lb_common::{Backend, BackendSet, BACKEND_ELIGIBLE, MAX_BACKENDS, SCHEDULER_RANDOM_TWO};
 
+use crate::fixtures::{addr, service, vip};
+
 use super::{plan::plan, *};
 use crate::{
     api::{Admin, BackendState},
@@ -14,26 +16,6 @@ use crate::{
     datapath::wire_addr,
     model::health::Change,
 };
-
-fn addr(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10 + i), 80)
-}
-
-fn vip(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100 + i), 80)
-}
-
-fn service(name: &str, vip: SocketAddrV4, weights: &[u32]) -> ServiceConfig {
-    ServiceConfig {
-        name: name.into(),
-        vip,
-        scheduler: Scheduler::LeastConn,
-        mode: Mode::Nat,
-        health: None,
-        on_backend_down: DownPolicy::Keep,
-        backends: weights.iter().enumerate().map(|(i, w)| BackendConfig::new(addr(i as u8 + 1), *w)).collect(),
-    }
-}
 
 fn no_flows(_: u32) -> anyhow::Result<Vec<u64>> {
     Ok(vec![0; MAX_BACKENDS as usize])

@@ -1,35 +1,16 @@
 //! Reconciliation against in-memory maps: what gets written, what a refused
 //! request leaves alone, and what a restarted agent takes over.
-use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{BackendStats, Flow, FlowKey, BACKEND_ELIGIBLE, DIR_FORWARD, SCHEDULER_RANDOM_TWO};
+
+use crate::fixtures::{addr, service, vip};
 
 use super::Balancer;
 use crate::{
     api::{Admin, BackendState, CheckResult},
-    config::{BackendConfig, Config, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig},
+    config::{BackendConfig, Config, DownPolicy, HealthConfig, Scheduler},
     datapath::FakeMaps,
 };
-
-fn addr(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10 + i), 80)
-}
-
-fn vip(i: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100 + i), 80)
-}
-
-fn service(name: &str, vip: SocketAddrV4, weights: &[u32]) -> ServiceConfig {
-    ServiceConfig {
-        name: name.into(),
-        vip,
-        scheduler: Scheduler::LeastConn,
-        mode: Mode::Nat,
-        health: None,
-        on_backend_down: DownPolicy::Keep,
-        backends: weights.iter().enumerate().map(|(i, w)| BackendConfig::new(addr(i as u8 + 1), *w)).collect(),
-    }
-}
 
 fn balancer(weights: &[u32]) -> Balancer<FakeMaps> {
     let mut b = Balancer::new(FakeMaps::new(4));
