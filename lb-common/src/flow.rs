@@ -43,12 +43,20 @@ pub const DIR_FORWARD: u8 = 0;
 pub const DIR_REPLY: u8 = 1;
 
 /// Flow state bits, kept in the forward entry and changed only atomically.
+/// A flow is half-open from the client's SYN until `FLOW_ESTABLISHED`; it is
+/// closed by an exact RST, FINs both ways, the agent, or aging.
 pub const FLOW_CLIENT_FIN: u32 = 1;
 pub const FLOW_BACKEND_FIN: u32 = 2;
+/// An RST whose sequence number was exactly what its receiver expected.
 pub const FLOW_RESET: u32 = 4;
 /// Set by the expire program just before it deletes the flow; nothing else
 /// touches an expired entry.
 pub const FLOW_EXPIRED: u32 = 8;
+/// The client acknowledged the backend's SYN-ACK: the handshake is complete.
+pub const FLOW_ESTABLISHED: u32 = 16;
+/// Closed by the agent (its backend died, policy `reset`): the client's next
+/// packets are answered with an RST from the VIP.
+pub const FLOW_ABORTED: u32 = 32;
 const FLOW_BOTH_FIN: u32 = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
 /// The high bits count reuses of the entry, so a compare-and-swap never
 /// mistakes a reused entry for the one it read.
@@ -57,7 +65,31 @@ pub const FLOW_GENERATION_ONE: u32 = 1 << 8;
 /// A flow no longer holds a connection slot on its backend.
 #[inline(always)]
 pub const fn flow_closed(state: u32) -> bool {
-    state & (FLOW_RESET | FLOW_EXPIRED) != 0 || state & FLOW_BOTH_FIN == FLOW_BOTH_FIN
+    state & (FLOW_RESET | FLOW_EXPIRED | FLOW_ABORTED) != 0 || state & FLOW_BOTH_FIN == FLOW_BOTH_FIN
+}
+
+/// A slot's connection count (`ActiveCounts::active`) holds two counts in
+/// one word, so that a flow moves from one to the other with one atomic
+/// add: established connections in the low half, half-open ones in the
+/// high half.
+pub const HALF_OPEN_ONE: u64 = 1 << 32;
+
+/// Established connections in a slot's count.
+#[inline(always)]
+pub const fn established_count(count: u64) -> u64 {
+    count & (HALF_OPEN_ONE - 1)
+}
+
+/// Half-open connections in a slot's count.
+#[inline(always)]
+pub const fn half_open_count(count: u64) -> u64 {
+    count >> 32
+}
+
+/// Sequence numbers compare modulo 2^32: `a` is after `b`.
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// One direction of a tracked flow. Each flow has two entries in the table,
@@ -73,12 +105,19 @@ pub struct Flow {
     pub nat_addr: u32,
     pub nat_port: u16,
     pub direction: u8,
-    pub _pad: u8,
+    /// The window scale this direction's sender announced in its SYN.
+    pub wscale: u8,
     /// One's-complement differences the rewrite adds to each checksum,
     /// computed once when the flow is created.
     pub ip_csum_diff: u16,
     pub l4_csum_diff: u16,
-    pub _pad2: u32,
+    /// What this direction's sender has sent, acknowledged and offered, as
+    /// seen here: its next sequence number (SND.NXT), the last number it
+    /// acknowledged (its RCV.NXT), and its receive window, scaled. RSTs and
+    /// FINs from the other side are judged against them.
+    pub seq_next: u32,
+    pub acked: u32,
+    pub window: u32,
     /// When the last packet in this direction came (`Clock` ticks); 0 in a
     /// reply entry until the backend has answered.
     pub last_seen: u64,
@@ -114,7 +153,7 @@ pub struct BackendHop {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timeouts {
-    /// No answer from the backend yet.
+    /// Half-open: the handshake is not complete.
     pub syn: u64,
     pub established: u64,
     /// One side has sent FIN.
@@ -124,22 +163,20 @@ pub struct Timeouts {
     pub closed: u64,
 }
 
-/// Which timeout applies to a flow, from its forward state and whether the
-/// backend has answered. Shared so the agent's scan and the expire program
-/// agree on what is idle.
+/// Which timeout applies to a flow, from its forward state. Shared so the
+/// agent's scan and the expire program agree on what is idle.
 #[inline(always)]
-pub const fn flow_timeout(t: &Timeouts, state: u32, replied: bool) -> u64 {
+pub const fn flow_timeout(t: &Timeouts, state: u32) -> u64 {
     if flow_closed(state) {
         t.closed
     } else if state & FLOW_BOTH_FIN != 0 {
         t.fin
-    } else if !replied {
+    } else if state & FLOW_ESTABLISHED == 0 {
         t.syn
     } else {
         t.established
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -153,6 +190,26 @@ mod tests {
         assert!(flow_closed(FLOW_CLIENT_FIN | FLOW_BACKEND_FIN));
         assert!(flow_closed(FLOW_RESET));
         assert!(flow_closed(FLOW_EXPIRED));
+        assert!(flow_closed(FLOW_ABORTED));
+        assert!(!flow_closed(FLOW_ESTABLISHED));
+    }
+
+    #[test]
+    fn half_open_flows_have_the_syn_timeout_until_established() {
+        let t = Timeouts { syn: 1, established: 2, fin: 3, closed: 4 };
+        assert_eq!(flow_timeout(&t, 0), 1);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED), 2);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_CLIENT_FIN), 3);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_RESET), 4);
+    }
+
+    #[test]
+    fn one_word_counts_both_and_moves_a_flow_with_one_add() {
+        let count = 3 * HALF_OPEN_ONE + 5;
+        let moved = count.wrapping_add(1u64.wrapping_sub(HALF_OPEN_ONE));
+        assert_eq!((established_count(moved), half_open_count(moved)), (6, 2));
+        assert!(seq_after(1, u32::MAX));
+        assert!(!seq_after(u32::MAX, 1));
     }
 
     #[test]

@@ -47,7 +47,7 @@ mod tests {
         assert_eq!(size_of::<Candidate>(), 12);
         assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize + PICK_TABLE);
         assert_eq!(size_of::<FlowKey>(), 12);
-        assert_eq!(size_of::<Flow>(), 56);
+        assert_eq!(size_of::<Flow>(), 64, "one cache line");
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<BackendHop>(), 32);
         assert_eq!(size_of::<Timeouts>(), 32);

@@ -166,9 +166,11 @@ pub struct Candidate {
     pub _pad: u8,
 }
 
-/// Active connections per backend slot of one service. Only the data path
-/// writes it, with atomic adds: one up when a flow is assigned, one down when
-/// the flow leaves the live state (closed, reset or expired).
+/// Connections per backend slot of one service, established ones in the low
+/// half of each word and half-open ones in the high half (`HALF_OPEN_ONE`).
+/// Only the data path writes it, with atomic adds: a half-open one up when a
+/// flow is assigned, one moved across when its handshake completes, one down
+/// when the flow leaves the live state (closed, reset or expired).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ActiveCounts {

@@ -85,15 +85,41 @@ counters! {
     MalformedTcp = "malformed_tcp",
     /// IPv4 fragments are never rewritten: the kernel decides.
     Fragment = "fragment",
+    /// Handshakes completed: the client acknowledged the backend's SYN-ACK.
+    Established = "established_flows",
+    /// RSTs whose sequence number is outside the receiver's window: dropped.
+    RstOutOfWindow = "rst_out_of_window",
+    /// RSTs in the window but not exact: forwarded (the endpoint answers
+    /// with a challenge ACK), the flow left as it was.
+    RstInWindow = "rst_in_window",
+    /// FINs outside the receiver's window: dropped.
+    FinOutOfWindow = "fin_out_of_window",
+    /// Segments that do not fit the flow's handshake (a stray segment of an
+    /// earlier connection on the same ports, a forged answer): dropped.
+    OutOfState = "out_of_state",
+    /// A SYN whose backend-side ports are in use by another service's live
+    /// flow (two services sharing a backend): dropped, the client retries.
+    TupleInUse = "tuple_in_use",
 }
 
 impl Counter {
     /// Why packets were dropped: the metrics' `lb_drops` reasons.
-    pub const DROPS: [Counter; 5] =
-        [Counter::MalformedIp, Counter::MalformedTcp, Counter::NoBackend, Counter::TableFull, Counter::RefusalSwallowed];
+    pub const DROPS: [Counter; 9] = [
+        Counter::MalformedIp,
+        Counter::MalformedTcp,
+        Counter::NoBackend,
+        Counter::TableFull,
+        Counter::RefusalSwallowed,
+        Counter::RstOutOfWindow,
+        Counter::FinOutOfWindow,
+        Counter::OutOfState,
+        Counter::TupleInUse,
+    ];
     /// Other events of the data path: the metrics' `lb_events`.
-    pub const EVENTS: [Counter; 7] = [
+    pub const EVENTS: [Counter; 9] = [
         Counter::NewFlows,
+        Counter::Established,
+        Counter::RstInWindow,
         Counter::ClosedFlows,
         Counter::SynRetried,
         Counter::ResetSent,
@@ -124,7 +150,7 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
-        assert_eq!(Counter::Fragment as usize + 1, COUNTER_COUNT);
+        assert_eq!(Counter::TupleInUse as usize + 1, COUNTER_COUNT);
         assert_eq!(Counter::TableFull.name(), "table_full");
     }
 }

@@ -1,15 +1,41 @@
 //! The connection table: finding a packet's flow, opening flows on SYN,
-//! following FIN/RST, and counting each flow on its backend exactly once.
+//! following the handshake, FIN and RST on evidence, and counting each flow
+//! on its backend exactly once.
 //!
-//! A flow counts as active from the moment it is assigned until its forward
-//! entry's state first becomes closed. Every change of that state is atomic
-//! (fetch-or, compare-and-swap), so exactly one CPU or expire call sees the
-//! change from live to closed, and only that one takes the count down.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+//! A flow's life, in its forward entry's state bits:
+//!
+//! ```text
+//!   client SYN ──► half-open ── backend SYN-ACK acking the SYN ──►
+//!              ── client ACK acking the SYN-ACK ──► established
+//!   ── exact RST, or FIN both ways, or the agent, or aging ──► closed
+//! ```
+//!
+//! Each entry follows what its direction's sender has sent, acknowledged
+//! and offered (`seq_next`, `acked`, `window`). A segment that changes a
+//! flow must show it belongs to it, so nothing sent with the right ports
+//! alone can close a flow or move it on:
+//! - An RST closes the flow only when its sequence number is exactly what
+//!   its receiver expects next (RFC 5961 §3); in the window but not exact it
+//!   is forwarded and changes nothing (the endpoint answers with a challenge
+//!   ACK); outside the window it is dropped.
+//! - A FIN outside the receiver's window is dropped.
+//! - Until the handshake completes, only the segments of a handshake pass:
+//!   the backend's SYN-ACK (or refusal) must acknowledge the client's SYN,
+//!   and the client's ACK the SYN-ACK. Anything else on those ports — a
+//!   stray segment of an earlier connection, a forged answer — is dropped.
+//!
+//! A half-open flow counts in the high half of its slot's count, an
+//! established one in the low half (`HALF_OPEN_ONE`): least connections
+//! weighs half-open ones lightly, and `max_conns`, drains and the status
+//! count established ones. Every change of state is atomic (fetch-or,
+//! compare-and-swap), so exactly one CPU or expire call sees a flow become
+//! established, or become closed, and only that one moves its count.
+use aya_ebpf::{bindings::{BPF_ANY, BPF_NOEXIST}, programs::XdpContext};
 use lb_common::{
-    flow_closed, flow_timeout, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
-    DIR_REPLY, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_EXPIRED, FLOW_GENERATION_ONE, FLOW_RESET,
-    MAX_BACKENDS, PROTO_TCP, TCP_FIN, TCP_RST,
+    flow_closed, flow_timeout, seq_after, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
+    DIR_REPLY, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
+    FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 
 use crate::{
@@ -17,12 +43,21 @@ use crate::{
     clock::Now,
     maps::{ACTIVE, FLOWS, SERVICES},
     nat::csum_diffs,
-    parse::TcpPacket,
+    parse::{window_scale, TcpPacket},
     schedule, stats,
 };
 
 const EEXIST: i32 = 17;
 const FLAG_BITS: u32 = FLOW_GENERATION_ONE - 1;
+/// A FIN may be this far before what its receiver acknowledged (a
+/// retransmission) at the least, or the receiver's window if larger.
+const FIN_SLACK: u32 = 1 << 16;
+/// How far a segment's sequence and acknowledgment numbers may be from what
+/// its sender has sent and acknowledged so far, either way, and still be
+/// taken as this connection's: far more than a connection moves between two
+/// segments this balancer sees, and a chance of about 1 in 4,000 for a
+/// stray segment of an earlier connection on the same ports.
+const PLAUSIBLE: u32 = 1 << 26;
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<*mut Flow> {
@@ -37,90 +72,255 @@ fn reusable(flow: *const Flow) -> bool {
 
 pub enum Tracked {
     Forward,
+    Drop(Counter),
     /// The backend refused the handshake and another backend can take the
     /// flow: the RST is dropped, and the client's SYN retransmission moves
     /// to that backend (the layer-4 form of nginx's next-upstream retry).
     RefusalSwallowed,
 }
 
-/// Bookkeeping for a packet of a known flow.
+/// Bookkeeping for a packet of a known flow: what it proves, and whether it
+/// goes on.
 #[inline(always)]
-pub fn track(pkt: &TcpPacket, key: &FlowKey, flow: *mut Flow, now: &Now) -> Tracked {
-    let last_seen = unsafe { (*flow).last_seen };
-    let direction = unsafe { (*flow).direction };
-    if direction == DIR_REPLY && last_seen == 0 && pkt.flags & TCP_RST != 0 {
-        // The backend's first answer is a refusal: a passive health failure.
-        let (service, slot) = unsafe { ((*flow).service, (*flow).slot) };
-        if let Some(s) = stats::backend(service, slot) {
-            unsafe { (*s).refused += 1 };
-        }
-        if schedule::choose(service as u32, slot as u32).is_some() {
-            return Tracked::RefusalSwallowed;
-        }
+pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow, now: &Now) -> Tracked {
+    let own = unsafe { &mut *entry };
+    let flags = pkt.flags;
+    if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0 {
+        return Tracked::Drop(Counter::MalformedTcp);
     }
-    if now.ticks.wrapping_sub(last_seen) >= now.touch_every {
-        unsafe { (*flow).last_seen = now.ticks };
+    if own.direction == DIR_REPLY && own.last_seen == 0 {
+        return first_answer(ctx, pkt, key, own, now);
     }
-    if pkt.flags & (TCP_FIN | TCP_RST) == 0 {
+    let forward = own.direction == DIR_FORWARD;
+    if forward {
+        let state = unsafe { core::ptr::read_volatile(&own.state) };
+        if flow_closed(state) {
+            // Trailing segments of a closed flow (the last ACK, a
+            // retransmitted FIN) still reach their endpoint.
+            touch(own, now);
+            return Tracked::Forward;
+        }
+        if flags & TCP_SYN != 0 {
+            // A retransmitted SYN (`syn_opens` decided it opens nothing).
+            touch(own, now);
+            return Tracked::Forward;
+        }
+        if state & FLOW_ESTABLISHED == 0 && flags & TCP_RST == 0 {
+            // The client's ACK completing the handshake, or a stray.
+            match peer_of(key, own) {
+                Some(reply) if unsafe { (*reply).last_seen } != 0 && flags & TCP_ACK != 0
+                    && pkt.ack_seq() == unsafe { (*reply).seq_next } =>
+                {
+                    // From here on its acknowledgments are followed.
+                    own.acked = pkt.ack_seq();
+                    establish(own)
+                }
+                _ => return Tracked::Drop(Counter::OutOfState),
+            }
+        }
+    } else if flags & TCP_SYN != 0 {
+        // A retransmitted SYN-ACK.
+        touch(own, now);
         return Tracked::Forward;
     }
-    let bit = if pkt.flags & TCP_RST != 0 {
-        FLOW_RESET
-    } else if direction == DIR_FORWARD {
-        FLOW_CLIENT_FIN
-    } else {
-        FLOW_BACKEND_FIN
-    };
-    if direction == DIR_FORWARD {
-        mark(flow, bit);
-    } else if let Some(forward) = forward_of_reply(key, flow) {
-        mark(forward, bit);
+    if flags & TCP_RST == 0 && !plausible(own, pkt) {
+        // Nothing is learned from it, so it cannot move the windows that
+        // judge this connection's RSTs and FINs.
+        return Tracked::Drop(Counter::OutOfState);
     }
+    if flags & (TCP_RST | TCP_FIN) != 0 {
+        if let Some(dropped) = judge_close(pkt, key, own) {
+            return Tracked::Drop(dropped);
+        }
+    }
+    learn(own, pkt, now);
     Tracked::Forward
 }
 
-/// The forward entry a reply entry belongs to: its client is the reply's
-/// destination, its VIP the reply's rewrite target.
+/// Whether a segment's numbers are near enough to what its sender has sent
+/// and acknowledged to be this connection's.
 #[inline(always)]
-fn forward_of_reply(key: &FlowKey, reply: *const Flow) -> Option<*mut Flow> {
-    let (service, slot) = unsafe { ((*reply).service, (*reply).slot) };
-    let forward = FLOWS.get_ptr_mut(&key.forward(unsafe { &*reply }))?;
+fn plausible(own: &Flow, pkt: &TcpPacket) -> bool {
+    let near = |a: u32, b: u32| a.wrapping_sub(b).wrapping_add(PLAUSIBLE) < 2 * PLAUSIBLE;
+    near(pkt.seq(), own.seq_next) && (pkt.flags & TCP_ACK == 0 || near(pkt.ack_seq(), own.acked))
+}
+
+/// The entry of the other direction.
+#[inline(always)]
+fn peer_of(key: &FlowKey, own: &Flow) -> Option<*mut Flow> {
+    if own.direction == DIR_FORWARD {
+        FLOWS.get_ptr_mut(&key.reply(own))
+    } else {
+        forward_of_reply(key, own)
+    }
+}
+
+/// The forward entry a reply entry belongs to: its client is the reply's
+/// destination, its VIP the reply's rewrite target, and it chose the same
+/// backend slot (a reused entry may not have).
+#[inline(always)]
+fn forward_of_reply(key: &FlowKey, reply: &Flow) -> Option<*mut Flow> {
+    let forward = FLOWS.get_ptr_mut(&key.forward(reply))?;
     let same = unsafe {
-        (*forward).direction == DIR_FORWARD
-            && (*forward).service == service
-            && (*forward).slot == slot
+        (*forward).direction == DIR_FORWARD && (*forward).service == reply.service && (*forward).slot == reply.slot
     };
     same.then_some(forward)
+}
+
+/// Whether the other side has acknowledged anything yet: the backend with
+/// its SYN-ACK, the client with the ACK that completed the handshake.
+#[inline(always)]
+fn has_acked(peer: &Flow, forward_state: u32) -> bool {
+    if peer.direction == DIR_REPLY {
+        peer.last_seen != 0
+    } else {
+        forward_state & FLOW_ESTABLISHED != 0
+    }
+}
+
+/// An RST or FIN of an answered flow, judged against what its receiver
+/// expects. Returns the drop reason, or marks the flow and returns `None`.
+#[inline(always)]
+fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter> {
+    let forward_entry = if own.direction == DIR_FORWARD { Some(own as *mut Flow) } else { forward_of_reply(key, own) };
+    let Some(forward) = forward_entry else {
+        return Some(Counter::OutOfState);
+    };
+    let Some(peer) = peer_of(key, own) else {
+        return Some(Counter::OutOfState);
+    };
+    let peer = unsafe { &*peer };
+    let state = unsafe { core::ptr::read_volatile(&(*forward).state) };
+    let acked = has_acked(peer, state);
+    let seq = pkt.seq();
+    if pkt.flags & TCP_RST != 0 {
+        // Exact: what the receiver expects next, or (its acknowledgment may
+        // lag what it has received) what the sender has sent up to.
+        if seq == own.seq_next || (acked && seq == peer.acked) {
+            mark(forward, FLOW_RESET);
+            return None;
+        }
+        if acked && seq.wrapping_sub(peer.acked) < peer.window.max(1) {
+            stats::count(Counter::RstInWindow);
+            return None;
+        }
+        return Some(Counter::RstOutOfWindow);
+    }
+    let slack = peer.window.max(FIN_SLACK);
+    let offset = seq.wrapping_sub(peer.acked);
+    if !acked || (offset >= slack && offset.wrapping_neg() > slack) {
+        return Some(Counter::FinOutOfWindow);
+    }
+    mark(forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
+    None
+}
+
+/// The backend's first answer to the client's SYN: a SYN-ACK, or an RST
+/// refusing it, either acknowledging the SYN. Anything else on these ports
+/// is not from this connection.
+#[inline(always)]
+fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Flow, now: &Now) -> Tracked {
+    let Some(forward) = forward_of_reply(key, reply) else {
+        return Tracked::Drop(Counter::OutOfState);
+    };
+    let acks_syn = pkt.flags & TCP_ACK != 0 && pkt.ack_seq() == unsafe { (*forward).seq_next };
+    if pkt.flags & TCP_RST != 0 {
+        if !acks_syn {
+            return Tracked::Drop(Counter::RstOutOfWindow);
+        }
+        // A refusal: a passive health failure.
+        if let Some(s) = stats::backend(reply.service, reply.slot) {
+            unsafe { (*s).refused += 1 };
+        }
+        if schedule::choose(reply.service as u32, reply.slot as u32).is_some() {
+            return Tracked::RefusalSwallowed;
+        }
+        mark(forward, FLOW_RESET);
+        return Tracked::Forward;
+    }
+    if pkt.flags & TCP_SYN == 0 || !acks_syn {
+        return Tracked::Drop(Counter::OutOfState);
+    }
+    reply.wscale = window_scale(ctx, pkt);
+    // The window of a SYN-ACK is never scaled (RFC 7323 §2.2).
+    reply.window = pkt.window();
+    reply.seq_next = pkt.seq_end();
+    reply.acked = pkt.ack_seq();
+    reply.last_seen = now.ticks;
+    Tracked::Forward
+}
+
+/// Follows what the sender has sent, acknowledged and offered.
+#[inline(always)]
+fn learn(own: &mut Flow, pkt: &TcpPacket, now: &Now) {
+    let end = pkt.seq_end();
+    if seq_after(end, own.seq_next) {
+        own.seq_next = end;
+    }
+    if pkt.flags & TCP_ACK != 0 {
+        let ack = pkt.ack_seq();
+        if seq_after(ack, own.acked) {
+            own.acked = ack;
+        }
+        let window = pkt.window() << own.wscale;
+        if window != own.window {
+            own.window = window;
+        }
+    }
+    touch(own, now);
+}
+
+#[inline(always)]
+fn touch(own: &mut Flow, now: &Now) {
+    if now.ticks.wrapping_sub(own.last_seen) >= now.touch_every {
+        own.last_seen = now.ticks;
+    }
+}
+
+/// The client completed the handshake: the flow counts as established.
+#[inline(always)]
+fn establish(forward: *mut Flow) {
+    let before = atomic::fetch_or(unsafe { &mut (*forward).state }, FLOW_ESTABLISHED);
+    if before & FLOW_ESTABLISHED == 0 && !flow_closed(before) {
+        if let Some(count) = unsafe { slot_count((*forward).service, (*forward).slot) } {
+            atomic::add(count, 1u64.wrapping_sub(HALF_OPEN_ONE));
+        }
+        stats::count(Counter::Established);
+    }
 }
 
 /// Sets a state bit; takes the flow off its backend's count if this is what
 /// closed it.
 #[inline(always)]
-fn mark(forward: *mut Flow, bit: u32) {
+fn mark(forward: *mut Flow, bit: u32) -> bool {
     let before = atomic::fetch_or(unsafe { &mut (*forward).state }, bit);
-    if !flow_closed(before) && flow_closed(before | bit) {
-        unsafe { release((*forward).service, (*forward).slot) };
+    let closed_now = !flow_closed(before) && flow_closed(before | bit);
+    if closed_now {
+        unsafe { release((*forward).service, (*forward).slot, before) };
     }
+    closed_now
 }
 
 #[inline(always)]
-fn active_count(service: u16, slot: u16) -> Option<*mut u64> {
+fn slot_count(service: u16, slot: u16) -> Option<*mut u64> {
     let counts = ACTIVE.get_ptr_mut(service as u32)?;
     Some(unsafe { &mut (*counts).active[(slot as u32 & (MAX_BACKENDS - 1)) as usize] })
 }
 
+/// Takes a flow that was live in `state` off its slot's count.
 #[inline(always)]
-fn release(service: u16, slot: u16) {
-    if let Some(count) = active_count(service, slot) {
-        atomic::add(count, u64::MAX); // minus one
+fn release(service: u16, slot: u16, state: u32) {
+    if let Some(count) = slot_count(service, slot) {
+        let one = if state & FLOW_ESTABLISHED != 0 { 1 } else { HALF_OPEN_ONE };
+        atomic::add(count, one.wrapping_neg());
     }
     stats::count(Counter::ClosedFlows);
 }
 
 #[inline(always)]
 fn assign(service: u16, slot: u16) {
-    if let Some(count) = active_count(service, slot) {
-        atomic::add(count, 1);
+    if let Some(count) = slot_count(service, slot) {
+        atomic::add(count, HALF_OPEN_ONE);
     }
     if let Some(s) = stats::backend(service, slot) {
         unsafe { (*s).new_flows += 1 };
@@ -129,15 +329,16 @@ fn assign(service: u16, slot: u16) {
 }
 
 /// Whether a client's SYN opens a flow, and if so which backend slot to
-/// avoid (`NO_SLOT`: none). It opens one unless its flow is live and
-/// answered (then it is a retransmission); a live flow whose backend left
-/// the SYN unanswered moves to another backend if one can take it.
+/// avoid (`NO_SLOT`: none). It opens one on a closed flow's ports; on a
+/// live flow it is a retransmission, unless the backend left the first SYN
+/// unanswered for long enough that this one is the client's retry (not a
+/// duplicate): then the flow may move to another backend.
 #[inline(always)]
-pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>) -> Option<u32> {
+pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>, now: &Now) -> Option<u32> {
     match existing {
         None => Some(schedule::NO_SLOT),
         Some(entry) if reusable(entry) => Some(schedule::NO_SLOT),
-        Some(entry) if unanswered(key, entry) => {
+        Some(entry) if unanswered(key, entry, now) => {
             count_unanswered(entry);
             Some(unsafe { (*entry).slot } as u32)
         }
@@ -145,10 +346,17 @@ pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>) -> Option<u32> {
     }
 }
 
-/// The client is sending its SYN again and the backend has not answered:
-/// a passive health failure, and the flow may move to another backend.
+/// The client is sending its SYN again, at least a retransmission timeout
+/// (half a second; TCP starts at one) after the last, and the backend has
+/// not answered: a passive health failure. A duplicate SYN that comes
+/// sooner proves nothing about the backend.
 #[inline(always)]
-fn unanswered(key: &FlowKey, forward: *const Flow) -> bool {
+fn unanswered(key: &FlowKey, forward: *const Flow, now: &Now) -> bool {
+    let (last_seen, established) =
+        unsafe { ((*forward).last_seen, (*forward).state & FLOW_ESTABLISHED != 0) };
+    if established || now.ticks.wrapping_sub(last_seen) < 2 * now.touch_every {
+        return false;
+    }
     match FLOWS.get_ptr(&key.reply(unsafe { &*forward })) {
         Some(reply) => unsafe { (*reply).last_seen == 0 },
         None => true,
@@ -175,7 +383,7 @@ pub enum Opened {
 /// flow whose ports are reused, or (with `avoid` set to its slot, otherwise
 /// `NO_SLOT`) a live one whose backend left the SYN unanswered.
 #[inline(always)]
-pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) -> Opened {
+pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) -> Opened {
     let service_key = ServiceKey { addr: key.daddr, port: key.dport, proto: PROTO_TCP, _pad: 0 };
     let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
         return Opened::NotAService;
@@ -200,12 +408,29 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
         nat_addr: backend.addr,
         nat_port: backend.port,
         direction: DIR_FORWARD,
+        wscale: window_scale(ctx, pkt),
         ip_csum_diff: ip_diff,
         l4_csum_diff: l4_diff,
+        seq_next: pkt.seq_end(),
+        // The window of a SYN is never scaled (RFC 7323 §2.2).
+        window: pkt.window(),
         last_seen: now,
         ..Flow::default()
     };
     let reply_key = key.reply(&forward);
+    if let Some(other) = FLOWS.get_ptr(&reply_key) {
+        // The backend would see this flow on the ports of one it has: two
+        // services sharing a backend, a client using one source port for
+        // both. Its replies could not be told apart.
+        let theirs = unsafe { (*other).direction == DIR_REPLY && ((*other).nat_addr != key.daddr || (*other).nat_port != key.dport) };
+        if theirs {
+            if let Some(owner) = forward_of_reply(&reply_key, unsafe { &*other }) {
+                if !flow_closed(unsafe { (*owner).state }) {
+                    return Opened::Drop(Some(Counter::TupleInUse));
+                }
+            }
+        }
+    }
     let (ip_diff, l4_diff) = csum_diffs(backend.addr, backend.port, key.daddr, key.dport);
     let reply = Flow {
         service,
@@ -232,7 +457,7 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
             if !flow_closed(observed) {
                 // A live flow moving to another backend: the claim above made
                 // this CPU the one that ends it on the old one.
-                unsafe { release((*entry).service, (*entry).slot) };
+                unsafe { release((*entry).service, (*entry).slot, observed) };
             }
             let old_reply_key = key.reply(unsafe { &*entry });
             if old_reply_key != reply_key {
@@ -264,23 +489,17 @@ pub fn open(key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) ->
 #[inline(always)]
 pub fn reset(key: &FlowKey) -> bool {
     match FLOWS.get_ptr_mut(key) {
-        Some(forward) if unsafe { (*forward).direction } == DIR_FORWARD => {
-            let before = atomic::fetch_or(unsafe { &mut (*forward).state }, FLOW_RESET);
-            let closed_now = !flow_closed(before);
-            if closed_now {
-                unsafe { release((*forward).service, (*forward).slot) };
-            }
-            closed_now
-        }
+        Some(forward) if unsafe { (*forward).direction } == DIR_FORWARD => mark(forward, FLOW_ABORTED),
         _ => false,
     }
 }
 
-/// The client's packets on a reset flow get an RST back instead of going to
-/// a dead backend.
+/// The client's packets on a flow the agent closed get an RST back instead
+/// of going to a dead backend. Flows closed by their own endpoints do not:
+/// their trailing segments go through.
 #[inline(always)]
 pub fn answer_with_reset(flow: &Flow) -> bool {
-    flow.direction == DIR_FORWARD && flow.state & FLOW_RESET != 0 && flow.state & FLOW_EXPIRED == 0
+    flow.direction == DIR_FORWARD && flow.state & FLOW_ABORTED != 0 && flow.state & FLOW_EXPIRED == 0
 }
 
 /// Removes a forward flow and its reply entry if it has been idle for its
@@ -305,23 +524,22 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     let mut reply_is_ours = false;
     if let Some(reply) = FLOWS.get_ptr(&reply_key) {
         unsafe {
-            reply_is_ours = (*reply).direction == DIR_REPLY
-                && (*reply).nat_addr == key.daddr
-                && (*reply).nat_port == key.dport;
+            reply_is_ours =
+                (*reply).direction == DIR_REPLY && (*reply).nat_addr == key.daddr && (*reply).nat_port == key.dport;
             if reply_is_ours {
                 replied_at = (*reply).last_seen;
             }
         }
     }
     let latest = if replied_at > last_seen { replied_at } else { last_seen };
-    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, replied_at != 0) {
+    if now.saturating_sub(latest) < flow_timeout(timeouts, observed) {
         return false;
     }
     if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
         return false; // a packet changed it meanwhile: not idle after all
     }
     if !flow_closed(observed) {
-        release(service, slot);
+        release(service, slot, observed);
     }
     if reply_is_ours {
         let _ = FLOWS.remove(&reply_key);

@@ -65,8 +65,8 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     let now = clock::now();
     let mut opened = None;
     if pkt.is_syn() {
-        if let Some(avoid) = conntrack::syn_opens(&key, existing) {
-            match conntrack::open(&key, existing, now.ticks, avoid) {
+        if let Some(avoid) = conntrack::syn_opens(&key, existing, &now) {
+            match conntrack::open(ctx, &pkt, &key, existing, now.ticks, avoid) {
                 Opened::Flow(flow) => {
                     if avoid != NO_SLOT {
                         stats::count(Counter::SynRetried);
@@ -91,9 +91,16 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 let action = reset::answer(ctx, &pkt);
                 return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
             }
-            if let conntrack::Tracked::RefusalSwallowed = conntrack::track(&pkt, &key, entry, &now) {
-                stats::count(Counter::RefusalSwallowed);
-                return DROP;
+            match conntrack::track(ctx, &pkt, &key, entry, &now) {
+                conntrack::Tracked::Forward => {}
+                conntrack::Tracked::RefusalSwallowed => {
+                    stats::count(Counter::RefusalSwallowed);
+                    return DROP;
+                }
+                conntrack::Tracked::Drop(reason) => {
+                    stats::count(reason);
+                    return DROP;
+                }
             }
             // Read in place from here on: copying the entry costs more than
             // the fields used.

@@ -2,8 +2,13 @@
 //! end so the verifier accepts it and a short packet never reads past it.
 use core::mem;
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_loop, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 const ETH_P_IPV4: u16 = 0x0800;
@@ -15,6 +20,13 @@ pub struct TcpPacket {
     pub ip: *mut Ipv4Hdr,
     pub tcp: *mut TcpHdr,
     pub flags: u8,
+    /// Where the TCP header starts in the frame, and its length, options
+    /// included.
+    pub tcp_offset: u32,
+    pub header_len: u32,
+    /// Sequence space the segment takes: its payload, and one each for SYN
+    /// and FIN.
+    pub seq_len: u32,
     /// Frame length, for byte counters.
     pub len: u64,
 }
@@ -33,10 +45,103 @@ impl TcpPacket {
         }
     }
 
-    /// A SYN that opens a connection (not the backend's SYN-ACK).
+    /// A SYN that opens a connection (not the backend's SYN-ACK, nor a
+    /// SYN with FIN or RST, which no real stack sends).
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
-        self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    }
+
+    #[inline(always)]
+    pub fn seq(&self) -> u32 {
+        u32::from_be_bytes(unsafe { (*self.tcp).seq })
+    }
+
+    #[inline(always)]
+    pub fn ack_seq(&self) -> u32 {
+        u32::from_be_bytes(unsafe { (*self.tcp).ack_seq })
+    }
+
+    /// The advertised window, before scaling.
+    #[inline(always)]
+    pub fn window(&self) -> u32 {
+        u16::from_be_bytes(unsafe { (*self.tcp).window }) as u32
+    }
+
+    /// The next sequence number after this segment.
+    #[inline(always)]
+    pub fn seq_end(&self) -> u32 {
+        self.seq().wrapping_add(self.seq_len)
+    }
+}
+
+/// Bytes of TCP options a header can carry.
+const MAX_OPTIONS: usize = 40;
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_WINDOW_SCALE: u8 = 3;
+/// RFC 7323: shifts above 14 are taken as 14.
+const MAX_WINDOW_SCALE: u8 = 14;
+
+/// The options of one header, copied out of the packet, and the walk over
+/// them.
+#[repr(C)]
+struct OptionWalk {
+    /// Room past the last option for its length and value bytes.
+    bytes: [u8; MAX_OPTIONS + 4],
+    len: u32,
+    at: u32,
+    scale: u32,
+}
+
+/// The window scale a SYN or SYN-ACK announces (RFC 7323), 0 without the
+/// option. Only handshake packets carry it, so only they pay for the walk,
+/// which runs under `bpf_loop` so the verifier checks its step once.
+#[inline(always)]
+pub fn window_scale(ctx: &XdpContext, pkt: &TcpPacket) -> u8 {
+    let len = (pkt.header_len as usize).saturating_sub(TcpHdr::LEN).min(MAX_OPTIONS);
+    if len == 0 {
+        return 0;
+    }
+    let offset = pkt.tcp_offset as usize + TcpHdr::LEN;
+    let mut walk = OptionWalk { bytes: [0; MAX_OPTIONS + 4], len: len as u32, at: 0, scale: 0 };
+    let copied = unsafe {
+        bpf_xdp_load_bytes(ctx.ctx as *mut _, offset as u32, walk.bytes.as_mut_ptr() as *mut c_void, len as u32)
+    };
+    if copied != 0 {
+        return 0;
+    }
+    unsafe { bpf_loop(MAX_OPTIONS as u32, option_step as *mut c_void, &mut walk as *mut OptionWalk as *mut c_void, 0) };
+    walk.scale as u8
+}
+
+/// One option: returns 1 to stop the walk.
+#[inline(never)]
+extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let walk = unsafe { &mut *(ctx as *mut OptionWalk) };
+    let at = walk.at as usize;
+    if at >= walk.len as usize || at >= MAX_OPTIONS {
+        return 1;
+    }
+    let (Some(&kind), Some(&len), Some(&value)) = (walk.bytes.get(at), walk.bytes.get(at + 1), walk.bytes.get(at + 2))
+    else {
+        return 1;
+    };
+    match kind {
+        OPT_END => 1,
+        OPT_NOP => {
+            walk.at += 1;
+            0
+        }
+        OPT_WINDOW_SCALE if len == 3 => {
+            walk.scale = value.min(MAX_WINDOW_SCALE) as u32;
+            1
+        }
+        _ if len < 2 => 1,
+        _ => {
+            walk.at += len as u32;
+            0
+        }
     }
 }
 
@@ -86,7 +191,8 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         return Parsed::Pass(None);
     }
     // IHL is at most 15, so the TCP header starts within 74 bytes.
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, EthHdr::LEN + (header_len & 0x3c)) else {
+    let tcp_offset = EthHdr::LEN + (header_len & 0x3c);
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, tcp_offset) else {
         return Parsed::Drop(Counter::MalformedTcp);
     };
     let segment_len = total_len - header_len;
@@ -95,11 +201,16 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     if segment_len < TcpHdr::LEN || data_offset < TcpHdr::LEN || data_offset > segment_len {
         return Parsed::Drop(Counter::MalformedTcp);
     }
+    let flags = unsafe { *raw.add(13) };
+    let seq_len = (segment_len - data_offset) as u32 + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
     Parsed::Tcp(TcpPacket {
         eth,
         ip,
         tcp,
-        flags: unsafe { *raw.add(13) },
+        flags,
+        tcp_offset: tcp_offset as u32,
+        header_len: data_offset as u32,
+        seq_len,
         len: frame_len as u64,
     })
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use lb_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_common::{TCP_ACK, TCP_RST};
 
 use crate::{csum::fold, parse::TcpPacket};
 
@@ -28,20 +28,12 @@ pub fn answer(ctx: &XdpContext, pkt: &TcpPacket) -> u32 {
         if ip.vihl != 0x45 {
             return XDP_DROP; // with IP options: not worth building an answer
         }
-        let header_len = (((*(pkt.tcp as *const u8).add(12)) >> 4) as u32) * 4;
-        let mut segment_len = (u16::from_be_bytes(ip.tot_len) as u32).wrapping_sub(20 + header_len);
-        if pkt.flags & TCP_SYN != 0 {
-            segment_len += 1;
-        }
-        if pkt.flags & TCP_FIN != 0 {
-            segment_len += 1;
-        }
         // RFC 9293 3.10.7.1: answer an ACK with its acknowledgment number as
         // our sequence number; otherwise acknowledge what was sent.
         let (seq, ack, flags) = if pkt.flags & TCP_ACK != 0 {
             (u32::from_be_bytes(tcp.ack_seq), 0, TCP_RST)
         } else {
-            (0, u32::from_be_bytes(tcp.seq).wrapping_add(segment_len), TCP_RST | TCP_ACK)
+            (0, pkt.seq_end(), TCP_RST | TCP_ACK)
         };
         (
             (*pkt.eth).src_addr,

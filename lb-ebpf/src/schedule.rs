@@ -10,8 +10,15 @@
 //! sort key, and the smallest wins:
 //!
 //! ```text
-//!   tier << 61 | (active × WEIGHT_SCALE / weight) << 8 | position after a random start
+//!   tier << 61 | ((established × 256 + half-open) × WEIGHT_SCALE / weight) << 8
+//!              | position after a random start
 //! ```
+//!
+//! Half-open flows weigh 1/256 of an established one, as in IPVS's `wlc`:
+//! enough that a burst of new connections spreads instead of all going to
+//! the backend that was least loaded when it began, too little for a SYN
+//! flood to push real connections around. `max_conns` caps established
+//! connections.
 //!
 //! The position breaks ties in favour of the first candidate after a random
 //! start, so ties (all idle, say) spread over every backend instead of
@@ -32,6 +39,9 @@ const INDEX_MASK: u32 = MAX_BACKENDS - 1;
 // Plain integers rather than Options here: LLVM leaves an Option's unused
 // payload undefined, and the verifier rejects reading it when spilled.
 pub const NO_SLOT: u32 = u32::MAX;
+
+const MAX_HALF_OPEN_WEIGHT: u64 = 255;
+const MAX_ESTABLISHED_WEIGHT: u64 = (1 << 24) - 1;
 
 /// Above every real key (tiers are below 4, so keys are below 2^63).
 const NO_KEY: u64 = i64::MAX as u64;
@@ -115,14 +125,17 @@ extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
 fn consider(scan: &mut Scan, index: u32) {
     let candidate = unsafe { &(*scan.set).candidates[(index & INDEX_MASK) as usize] };
     let slot = candidate.slot as u32 & INDEX_MASK;
-    // The low half of the count: below 2^32, times at most WEIGHT_SCALE =
-    // 2^20, keeps the key from overflowing.
-    let active = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize] as *const u64 as *const u32) };
+    let count = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize]) };
+    let established = count as u32;
     // Both rare, so these branches are predicted.
-    if slot == scan.avoid || active >= candidate.cap {
+    if slot == scan.avoid || established >= candidate.cap {
         return;
     }
-    let load = active as u64 * candidate.per_connection as u64;
+    // Below 2^24 established and 2^8 half-open, times at most WEIGHT_SCALE
+    // = 2^20: the key does not overflow.
+    let half_open = (count >> 32).min(MAX_HALF_OPEN_WEIGHT);
+    let weighed = (established as u64).min(MAX_ESTABLISHED_WEIGHT) << 8 | half_open;
+    let load = weighed * candidate.per_connection as u64;
     let position = index.wrapping_sub(scan.start) & INDEX_MASK;
     let key = (candidate.tier as u64) << 61 | load << 8 | position as u64;
     if key < scan.best {

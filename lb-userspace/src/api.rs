@@ -115,6 +115,7 @@ pub struct ServiceStatus {
     pub on_backend_down: DownPolicy,
     pub health_check: Option<HealthConfig>,
     pub active_connections: u64,
+    pub half_open_connections: u64,
     pub total_connections: u64,
     pub backends: Vec<BackendStatus>,
 }
@@ -133,7 +134,12 @@ pub struct BackendStatus {
     pub max_conns: u32,
     /// Slow start: the share of its full load it may take now, 0 to 1.
     pub slow_start_progress: Option<f64>,
+    /// Established connections: what `max_conns`, drains and least
+    /// connections count.
     pub active_connections: u64,
+    /// Handshakes not completed yet (a SYN flood's are never completed):
+    /// weighed lightly by least connections, and aged after `timeouts.syn`.
+    pub half_open_connections: u64,
     pub total_connections: u64,
     /// New connections and bytes (both ways) per second, over the last second.
     pub connections_per_second: f64,
@@ -160,6 +166,8 @@ pub struct FlowTableStatus {
 pub enum FlowState {
     /// The backend has not answered yet.
     SynSent,
+    /// The backend answered; the client has not acknowledged it yet.
+    SynReceived,
     Established,
     /// One side has closed.
     Closing,
@@ -170,6 +178,7 @@ impl std::fmt::Display for FlowState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(match self {
             FlowState::SynSent => "syn_sent",
+            FlowState::SynReceived => "syn_received",
             FlowState::Established => "established",
             FlowState::Closing => "closing",
             FlowState::Closed => "closed",

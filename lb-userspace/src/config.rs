@@ -71,7 +71,8 @@ pub enum XdpModeSetting {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutConfig {
-    /// Handshake not answered by the backend yet.
+    /// Half-open: the handshake is not complete (a SYN flood's flows are
+    /// never completed, so this is how long they hold the table).
     pub syn: f64,
     pub established: f64,
     /// One side has closed.
@@ -82,7 +83,7 @@ pub struct TimeoutConfig {
 
 impl Default for TimeoutConfig {
     fn default() -> Self {
-        Self { syn: 30.0, established: 900.0, fin: 120.0, closed: 10.0 }
+        Self { syn: 10.0, established: 900.0, fin: 120.0, closed: 10.0 }
     }
 }
 

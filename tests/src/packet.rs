@@ -7,6 +7,11 @@ pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 
+/// The initial sequence numbers the crafted handshakes use: the client's,
+/// and the backend's.
+pub const CLIENT_ISN: u32 = 0x0102_0304;
+pub const BACKEND_ISN: u32 = 0xf0e0_d0c0;
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
@@ -15,14 +20,53 @@ pub struct Tcp {
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
     pub ttl: u8,
     pub ip_options: Vec<u8>,
+    pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
 impl Tcp {
     pub fn new(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
-        Self { src, dst, flags, ttl: 64, ip_options: Vec::new(), payload: Vec::new() }
+        Self {
+            src,
+            dst,
+            flags,
+            seq: CLIENT_ISN,
+            ack: 0,
+            window: 0xfaf0,
+            ttl: 64,
+            ip_options: Vec::new(),
+            tcp_options: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    pub fn ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
+        self
+    }
+
+    pub fn window(mut self, window: u16) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// TCP options, padded to whole words.
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        while self.tcp_options.len() % 4 != 0 {
+            self.tcp_options.push(1); // NOP
+        }
+        self
     }
 
     pub fn payload(mut self, payload: &[u8]) -> Self {
@@ -39,7 +83,8 @@ impl Tcp {
     /// The frame, with correct IPv4 and TCP checksums.
     pub fn frame(&self) -> Vec<u8> {
         let ihl = 5 + self.ip_options.len() / 4;
-        let tcp_len = 20 + self.payload.len();
+        let tcp_header = 20 + self.tcp_options.len();
+        let tcp_len = tcp_header + self.payload.len();
         let total = ihl * 4 + tcp_len;
         let mut f = Vec::new();
         f.extend_from_slice(&LB_MAC);
@@ -57,12 +102,13 @@ impl Tcp {
         f.extend_from_slice(&self.ip_options);
         f.extend_from_slice(&self.src.port().to_be_bytes());
         f.extend_from_slice(&self.dst.port().to_be_bytes());
-        f.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-        f.extend_from_slice(&0u32.to_be_bytes()); // ack
-        f.push(5 << 4);
+        f.extend_from_slice(&self.seq.to_be_bytes());
+        f.extend_from_slice(&self.ack.to_be_bytes());
+        f.push(((tcp_header / 4) as u8) << 4);
         f.push(self.flags);
-        f.extend_from_slice(&0xfaf0u16.to_be_bytes()); // window
+        f.extend_from_slice(&self.window.to_be_bytes());
         f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        f.extend_from_slice(&self.tcp_options);
         f.extend_from_slice(&self.payload);
         fix_checksums(&mut f);
         f

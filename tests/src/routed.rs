@@ -12,7 +12,7 @@ use lb::{
 
 use crate::{
     netns::Netns,
-    packet::{inspect, Tcp, SYN},
+    packet::{inspect, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, SYN},
     serial,
 };
 use lb::datapath::XDP_REDIRECT;
@@ -119,9 +119,117 @@ pub fn flow_entries(b: &Balancer) -> usize {
     b.datapath.flows().len()
 }
 
-/// Sends the client's SYN and returns the backend it was sent to.
-pub fn open(b: &Balancer, port: u16) -> SocketAddrV4 {
+/// Sends the client's SYN and returns the backend it was sent to: the flow
+/// is half-open.
+pub fn syn(b: &Balancer, port: u16) -> SocketAddrV4 {
     let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).frame());
-    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(verdict, XDP_REDIRECT, "the SYN is forwarded");
     inspect(&out).dst
+}
+
+/// The rest of the handshake of a flow whose SYN went to `backend`: its
+/// SYN-ACK, and the client's ACK. The flow is established.
+pub fn complete(b: &Balancer, port: u16, backend: SocketAddrV4) {
+    let syn_ack = Tcp::new(backend, client(port), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+    assert_eq!(run(b, &syn_ack.frame()).0, XDP_REDIRECT, "the SYN-ACK is forwarded");
+    let ack = Tcp::new(client(port), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
+    assert_eq!(run(b, &ack.frame()).0, XDP_REDIRECT, "the handshake's ACK is forwarded");
+}
+
+/// A whole handshake from the client's `port`: returns the backend chosen.
+pub fn open(b: &Balancer, port: u16) -> SocketAddrV4 {
+    let backend = syn(b, port);
+    complete(b, port, backend);
+    backend
+}
+
+/// A segment from the client on an established flow from `port`: its
+/// sequence and acknowledgment numbers are where the handshake left them.
+pub fn from_client(port: u16, flags: u8) -> Tcp {
+    Tcp::new(client(port), VIP, flags).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1)
+}
+
+/// A segment from `backend` on an established flow to the client's `port`.
+pub fn from_backend(backend: SocketAddrV4, port: u16, flags: u8) -> Tcp {
+    Tcp::new(backend, client(port), flags).seq(BACKEND_ISN + 1).ack(CLIENT_ISN + 1)
+}
+
+/// Half-open connections per backend of service `web`.
+pub fn half_open(b: &Balancer) -> Vec<u64> {
+    b.status().unwrap().services[0].backends.iter().map(|b| b.half_open_connections).collect()
+}
+
+/// Both ends of one connection through the balancer, with sequence numbers
+/// that follow what each side has sent: for tests that play a connection
+/// (or an impostor) segment by segment.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub port: u16,
+    pub backend: SocketAddrV4,
+    /// Each side's next sequence number.
+    pub client_seq: u32,
+    pub backend_seq: u32,
+}
+
+impl Conn {
+    /// The client's SYN with `isn`; the backend is where it went.
+    pub fn syn(b: &Balancer, port: u16, isn: u32) -> (u32, Option<Self>) {
+        let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).seq(isn).frame());
+        let conn = (verdict == XDP_REDIRECT)
+            .then(|| Self { port, backend: inspect(&out).dst, client_seq: isn.wrapping_add(1), backend_seq: 0 });
+        (verdict, conn)
+    }
+
+    /// A whole handshake: client ISN `isn`, the backend's `backend_isn`.
+    pub fn open(b: &Balancer, port: u16, isn: u32, backend_isn: u32) -> Self {
+        let (verdict, conn) = Self::syn(b, port, isn);
+        assert_eq!(verdict, XDP_REDIRECT, "SYN from port {port}");
+        let mut conn = conn.unwrap();
+        conn.answer(b, backend_isn);
+        let (verdict, _) = conn.send_client(b, ACK, b"");
+        assert_eq!(verdict, XDP_REDIRECT, "the handshake's ACK from port {port}");
+        conn
+    }
+
+    /// The backend's SYN-ACK with `backend_isn`.
+    pub fn answer(&mut self, b: &Balancer, backend_isn: u32) {
+        let syn_ack = Tcp::new(self.backend, client(self.port), SYN | ACK).seq(backend_isn).ack(self.client_seq);
+        assert_eq!(run(b, &syn_ack.frame()).0, XDP_REDIRECT, "SYN-ACK to port {}", self.port);
+        self.backend_seq = backend_isn.wrapping_add(1);
+    }
+
+    /// The client's next segment, as its stack would number it.
+    pub fn client_segment(&self, flags: u8, payload: &[u8]) -> Tcp {
+        Tcp::new(client(self.port), VIP, flags).seq(self.client_seq).ack(self.backend_seq).payload(payload)
+    }
+
+    /// The backend's next segment.
+    pub fn backend_segment(&self, flags: u8, payload: &[u8]) -> Tcp {
+        Tcp::new(self.backend, client(self.port), flags).seq(self.backend_seq).ack(self.client_seq).payload(payload)
+    }
+
+    /// Sends the client's next segment; returns the verdict and what left.
+    pub fn send_client(&mut self, b: &Balancer, flags: u8, payload: &[u8]) -> (u32, Vec<u8>) {
+        let sent = run(b, &self.client_segment(flags, payload).frame());
+        self.client_seq = self.client_seq.wrapping_add(payload.len() as u32 + (flags & FIN != 0) as u32);
+        sent
+    }
+
+    /// Sends the backend's next segment.
+    pub fn send_backend(&mut self, b: &Balancer, flags: u8, payload: &[u8]) -> (u32, Vec<u8>) {
+        let sent = run(b, &self.backend_segment(flags, payload).frame());
+        self.backend_seq = self.backend_seq.wrapping_add(payload.len() as u32 + (flags & FIN != 0) as u32);
+        sent
+    }
+
+    /// FIN both ways and the last ACK.
+    pub fn close(&mut self, b: &Balancer) {
+        for (verdict, who) in [
+            (self.send_client(b, FIN | ACK, b"").0, "client FIN"),
+            (self.send_backend(b, FIN | ACK, b"").0, "backend FIN"),
+            (self.send_client(b, ACK, b"").0, "last ACK"),
+        ] {
+            assert_eq!(verdict, XDP_REDIRECT, "{who} of port {}", self.port);
+        }
+    }
 }

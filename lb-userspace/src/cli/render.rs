@@ -68,13 +68,13 @@ pub fn render_status(status: &Status) -> String {
     for s in &status.services {
         let _ = writeln!(
             out,
-            "service {}  {}  {}/{}  active {}  total {}",
-            s.name, s.vip, s.scheduler, s.mode, s.active_connections, s.total_connections
+            "service {}  {}  {}/{}  active {}  half-open {}  total {}",
+            s.name, s.vip, s.scheduler, s.mode, s.active_connections, s.half_open_connections, s.total_connections
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7} {:>10}  WHY",
-            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "CONN/s", "BYTES/s"
+            "  {:<22} {:>6} {:<10} {:>8} {:>9} {:>10} {:>7} {:>10}  WHY",
+            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "HALF-OPEN", "TOTAL", "CONN/s", "BYTES/s"
         );
         for b in &s.backends {
             let mut state = b.state.to_string();
@@ -86,11 +86,12 @@ pub fn render_status(status: &Status) -> String {
                 .map_or(0.0, |d| d.as_secs_f64() - b.since);
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<10} {:>8} {:>10} {:>7.1} {:>10.0}  {} ({:.0}s ago)",
+                "  {:<22} {:>6} {:<10} {:>8} {:>9} {:>10} {:>7.1} {:>10.0}  {} ({:.0}s ago)",
                 b.address,
                 b.weight,
                 state,
                 b.active_connections,
+                b.half_open_connections,
                 b.total_connections,
                 b.connections_per_second,
                 b.bytes_per_second,

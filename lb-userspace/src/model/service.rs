@@ -7,7 +7,7 @@
 use std::{net::SocketAddrV4, time::Instant};
 
 use anyhow::{bail, Context, Result};
-use lb_common::{Backend, BackendSet, BACKEND_ELIGIBLE, MAX_BACKENDS};
+use lb_common::{established_count, Backend, BackendSet, BACKEND_ELIGIBLE, MAX_BACKENDS};
 
 use crate::{
     config::{BackendConfig, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig},
@@ -150,9 +150,9 @@ impl Service {
     }
 
     /// What the data path should have for this service, given each slot's
-    /// active count.
+    /// count (established and half-open connections in one word).
     pub fn backend_set(&self, active: &[u64], now: Instant) -> BackendSet {
-        let count = |i: usize| active.get(i).copied().unwrap_or(0);
+        let count = |i: usize| established_count(active.get(i).copied().unwrap_or(0));
         // Slow start caps a ramping backend at its share of the connections
         // its tier holds: a weight alone would not hold least connections
         // back from a backend with none.

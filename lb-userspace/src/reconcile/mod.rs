@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{flow_closed, BackendSet, FlowKey, DIR_FORWARD};
+use lb_common::{established_count, flow_closed, half_open_count, BackendSet, FlowKey, DIR_FORWARD, FLOW_ESTABLISHED};
 
 use crate::{
     api::{Admin, CheckResult},
@@ -301,22 +301,24 @@ impl<M: Maps> Balancer<M> {
         self.model.check_targets()
     }
 
-    /// Active connections of one backend, for `lb backend drain --wait`.
+    /// Established connections of one backend, for `lb backend drain --wait`.
     pub fn active_of(&self, service: &str, address: SocketAddrV4) -> Option<u64> {
         let s = self.model.service(service).ok()?;
         let (i, _) = s.members().find(|(_, m)| m.config.address == address)?;
-        self.datapath.active_counts(s.id).ok().map(|c| c.active[i])
+        self.datapath.active_counts(s.id).ok().map(|c| established_count(c.active[i]))
     }
 
-    /// Compares each backend's active count with the live flows the table
-    /// holds for it. The kernel keeps the counts exactly, so they agree
-    /// unless flows open or close during the read; a difference that
-    /// persists is a bug worth a report. Returns (slots checked, differing).
+    /// Compares each backend's counts, established and half-open, with the
+    /// live flows the table holds for it. The kernel keeps the counts
+    /// exactly, so they agree unless flows open or close during the read; a
+    /// difference that persists is a bug worth a report. Returns (slots
+    /// checked, differing).
     pub fn verify_counts(&self) -> Result<(usize, Vec<String>)> {
-        let mut live: HashMap<(u32, u16), u64> = HashMap::new();
+        let mut live: HashMap<(u32, u16), (u64, u64)> = HashMap::new();
         for (_, f) in self.datapath.flows() {
             if f.direction == DIR_FORWARD && !flow_closed(f.state) {
-                *live.entry((f.service as u32, f.slot)).or_default() += 1;
+                let (established, half_open) = live.entry((f.service as u32, f.slot)).or_default();
+                *if f.state & FLOW_ESTABLISHED != 0 { established } else { half_open } += 1;
             }
         }
         let (mut checked, mut differing) = (0, Vec::new());
@@ -324,11 +326,13 @@ impl<M: Maps> Balancer<M> {
             let counts = self.datapath.active_counts(s.id)?;
             for (i, m) in s.members() {
                 checked += 1;
-                let flows = live.get(&(s.id, i as u16)).copied().unwrap_or(0);
-                if counts.active[i] != flows {
+                let count = counts.active[i];
+                let counted = (established_count(count), half_open_count(count));
+                let flows = live.get(&(s.id, i as u16)).copied().unwrap_or((0, 0));
+                if counted != flows {
                     differing.push(format!(
-                        "{} {}: count {} but {} live flows",
-                        s.name, m.config.address, counts.active[i], flows
+                        "{} {}: counts {} established and {} half-open but the table has {} and {}",
+                        s.name, m.config.address, counted.0, counted.1, flows.0, flows.1
                     ));
                 }
             }

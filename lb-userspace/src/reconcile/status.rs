@@ -3,7 +3,10 @@
 use std::{collections::HashMap, time::Instant};
 
 use anyhow::Result;
-use lb_common::{flow_closed, Counter, DIR_FORWARD, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN};
+use lb_common::{
+    established_count, flow_closed, half_open_count, Counter, DIR_FORWARD, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN,
+    FLOW_ESTABLISHED,
+};
 
 use super::Balancer;
 use crate::{
@@ -34,7 +37,8 @@ impl<M: Maps> Balancer<M> {
                     backup: m.config.backup,
                     max_conns: m.config.max_conns,
                     slow_start_progress: m.ramp(now),
-                    active_connections: counts.active[i],
+                    active_connections: established_count(counts.active[i]),
+                    half_open_connections: half_open_count(counts.active[i]),
                     total_connections: stats.new_flows,
                     connections_per_second: m.connections_per_second,
                     bytes_per_second: m.bytes_per_second,
@@ -55,6 +59,7 @@ impl<M: Maps> Balancer<M> {
                 on_backend_down: s.on_down,
                 health_check: s.health.clone(),
                 active_connections: backends.iter().map(|b| b.active_connections).sum(),
+                half_open_connections: backends.iter().map(|b| b.half_open_connections).sum(),
                 total_connections: backends.iter().map(|b| b.total_connections).sum(),
                 backends,
             });
@@ -105,8 +110,10 @@ fn flow_state(state: u32, replied: bool) -> FlowState {
         FlowState::Closed
     } else if state & (FLOW_CLIENT_FIN | FLOW_BACKEND_FIN) != 0 {
         FlowState::Closing
-    } else if replied {
+    } else if state & FLOW_ESTABLISHED != 0 {
         FlowState::Established
+    } else if replied {
+        FlowState::SynReceived
     } else {
         FlowState::SynSent
     }

@@ -1,7 +1,9 @@
 //! Reconciliation against in-memory maps: what gets written, what a refused
 //! request leaves alone, and what a restarted agent takes over.
 
-use lb_common::{BackendStats, Flow, FlowKey, BACKEND_ELIGIBLE, DIR_FORWARD, SCHEDULER_RANDOM_TWO};
+use lb_common::{
+    BackendStats, Flow, FlowKey, BACKEND_ELIGIBLE, DIR_FORWARD, FLOW_ESTABLISHED, HALF_OPEN_ONE, SCHEDULER_RANDOM_TWO,
+};
 
 use crate::fixtures::{addr, service, vip};
 
@@ -221,13 +223,18 @@ fn a_running_service_the_new_config_does_not_name_is_removed_its_flows_finishing
 #[test]
 fn counts_are_checked_against_the_live_flows_in_the_table() {
     let mut b = balancer(&[1, 1]);
-    let flow = |slot: u16| Flow { service: 0, slot, direction: DIR_FORWARD, ..Flow::default() };
-    b.datapath.flows = vec![(FlowKey { sport: 1, ..FlowKey::default() }, flow(0))];
-    b.datapath.set_active(0, 0, 1);
+    let flow = |slot: u16, state: u32| Flow { service: 0, slot, state, direction: DIR_FORWARD, ..Flow::default() };
+    let key = |port: u16| FlowKey { sport: port, ..FlowKey::default() };
+    b.datapath.flows = vec![(key(1), flow(0, FLOW_ESTABLISHED)), (key(2), flow(0, 0))];
+    b.datapath.set_active(0, 0, HALF_OPEN_ONE + 1);
     assert_eq!(b.verify_counts().unwrap(), (2, vec![]));
+    let status = b.status().unwrap();
+    let counts: Vec<(u64, u64)> =
+        status.services[0].backends.iter().map(|b| (b.active_connections, b.half_open_connections)).collect();
+    assert_eq!(counts, [(1, 1), (0, 0)], "established and half-open apart");
     b.datapath.set_active(0, 1, 3);
     let (_, differing) = b.verify_counts().unwrap();
-    assert_eq!(differing, ["web 198.19.0.12:80: count 3 but 0 live flows"]);
+    assert_eq!(differing, ["web 198.19.0.12:80: counts 3 established and 0 half-open but the table has 0 and 0"]);
 }
 
 #[test]

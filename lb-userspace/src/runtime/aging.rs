@@ -103,8 +103,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
     for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_FORWARD) {
         report.flows += 1;
         let idle = now.saturating_sub(flow.last_seen);
-        let shortest = flow_timeout(&ticks, flow.state, false).min(flow_timeout(&ticks, flow.state, true));
-        if idle >= shortest {
+        if idle >= flow_timeout(&ticks, flow.state) {
             candidates.insert(key.reply(flow), (*key, flow, 0));
         }
     }
@@ -118,7 +117,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
             .values()
             .filter(|(_, flow, replied_at)| {
                 let last = flow.last_seen.max(*replied_at);
-                now.saturating_sub(last) >= flow_timeout(&ticks, flow.state, *replied_at != 0)
+                now.saturating_sub(last) >= flow_timeout(&ticks, flow.state)
             })
             .map(|(key, _, _)| *key)
             .collect();

@@ -83,7 +83,9 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
 /// The metrics for one scrape.
 pub fn render(status: &Status, expired_total: u64) -> String {
     let mut r = Registry::default();
-    let active = gauge_family(&mut r, "lb_backend_active_connections", "Connections the backend holds now");
+    let active = gauge_family(&mut r, "lb_backend_active_connections", "Established connections the backend holds now");
+    let half_open =
+        gauge_family(&mut r, "lb_backend_half_open_connections", "Connections whose handshake is not complete");
     let connections = counter_family(&mut r, "lb_backend_connections", "Connections assigned to the backend");
     let packets = counter_family(&mut r, "lb_backend_packets", "Packets forwarded, by direction");
     let bytes = counter_family(&mut r, "lb_backend_bytes", "Bytes forwarded (Ethernet frames), by direction");
@@ -103,6 +105,7 @@ pub fn render(status: &Status, expired_total: u64) -> String {
                 l
             };
             active.get_or_create(&labels()).set(b.active_connections as i64);
+            half_open.get_or_create(&labels()).set(b.half_open_connections as i64);
             connections.get_or_create(&labels()).inc_by(b.total_connections);
             packets.get_or_create(&with("direction", "to_backend")).inc_by(b.packets_in);
             packets.get_or_create(&with("direction", "to_client")).inc_by(b.packets_out);

@@ -9,10 +9,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb::datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
-    packet::{inspect, Tcp, ACK, CLIENT_MAC, FIN, PSH, RST, SYN},
+    packet::{inspect, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, CLIENT_MAC, FIN, PSH, RST, SYN},
     routed::{
-        active, backend, backend_index, backend_mac, client, counter, flow_entries, open, run,
-        with_balancer, VIP,
+        active, backend, backend_index, backend_mac, client, complete, counter, flow_entries, from_backend,
+        from_client, half_open, open, run, syn, with_balancer, VIP,
     },
 };
 
@@ -31,7 +31,8 @@ fn syn_to_a_service_is_rewritten_to_a_backend_and_counted() {
         assert_eq!(seen.dst_mac, backend_mac(chosen), "next hop from the neighbour table");
         let mut expected = vec![0; 3];
         expected[chosen] = 1;
-        assert_eq!(active(b), expected);
+        assert_eq!(active(b), vec![0; 3], "half-open until the handshake completes");
+        assert_eq!(half_open(b), expected);
         assert_eq!(counter(b, Counter::NewFlows), 1);
         assert_eq!(flow_entries(b), 2, "one forward and one reply entry");
         // Per backend, as status reports it (read in one batch).
@@ -41,29 +42,36 @@ fn syn_to_a_service_is_rewritten_to_a_backend_and_counted() {
         let mut expected = vec![(0, 0, 0); 3];
         expected[chosen] = (1, 1, syn.frame().len() as u64);
         assert_eq!(per_backend, expected);
+        complete(b, 40000, seen.dst);
+        let mut established = vec![0; 3];
+        established[chosen] = 1;
+        assert_eq!((active(b), half_open(b)), (established, vec![0; 3]));
+        assert_eq!(counter(b, Counter::Established), 1);
     });
 }
 
 #[test]
 fn established_and_reply_packets_keep_their_backend_and_get_the_vip_back() {
     with_balancer(&[1, 1, 1], |b| {
-        let chosen = open(b, 40001);
+        let chosen = syn(b, 40001);
         // The backend's SYN-ACK: the client must see it come from the VIP.
-        let (verdict, out) = run(b, &Tcp::new(chosen, client(40001), SYN | ACK).frame());
+        let syn_ack = Tcp::new(chosen, client(40001), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+        let (verdict, out) = run(b, &syn_ack.frame());
         assert_eq!(verdict, XDP_REDIRECT);
         let seen = inspect(&out);
         assert_eq!((seen.src, seen.dst), (VIP, client(40001)));
         assert_eq!(seen.dst_mac, CLIENT_MAC);
+        complete(b, 40001, chosen);
         // Data both ways, with odd-length payloads for the checksum.
         for i in 0..5 {
             let payload = vec![b'x' + i as u8; 1 + 2 * i];
             let (verdict, out) =
-                run(b, &Tcp::new(client(40001), VIP, ACK | PSH).payload(&payload).frame());
+                run(b, &from_client(40001, ACK | PSH).payload(&payload).frame());
             assert_eq!(verdict, XDP_REDIRECT);
             let seen = inspect(&out);
             assert_eq!(seen.dst, chosen, "a flow keeps its backend");
             assert_eq!(seen.payload, payload);
-            let (_, out) = run(b, &Tcp::new(chosen, client(40001), ACK).payload(&payload).frame());
+            let (_, out) = run(b, &from_backend(chosen, 40001, ACK).payload(&payload).frame());
             assert_eq!(inspect(&out).src, VIP);
         }
         assert_eq!(active(b).iter().sum::<u64>(), 1);
@@ -87,22 +95,21 @@ fn ip_options_are_skipped_and_checksums_stay_valid() {
 fn fin_both_ways_closes_the_flow_exactly_once() {
     with_balancer(&[1], |b| {
         let be = open(b, 40003);
-        run(b, &Tcp::new(be, client(40003), SYN | ACK).frame());
-        run(b, &Tcp::new(client(40003), VIP, FIN | ACK).frame());
+        run(b, &from_client(40003, FIN | ACK).frame());
         assert_eq!(active(b), vec![1], "half-closed is still active");
-        let (verdict, out) = run(b, &Tcp::new(be, client(40003), FIN | ACK).frame());
+        let (verdict, out) = run(b, &from_backend(be, 40003, FIN | ACK).ack(CLIENT_ISN + 2).frame());
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(inspect(&out).src, VIP);
         assert_eq!(active(b), vec![0]);
         // Retransmitted FINs and the last ACK are still rewritten, and do not
         // count the flow down again.
         for _ in 0..3 {
-            let (verdict, out) = run(b, &Tcp::new(client(40003), VIP, FIN | ACK).frame());
+            let (verdict, out) = run(b, &from_client(40003, FIN | ACK).frame());
             assert_eq!(verdict, XDP_REDIRECT);
             assert_eq!(inspect(&out).dst, be);
-            run(b, &Tcp::new(be, client(40003), FIN | ACK).frame());
+            run(b, &from_backend(be, 40003, FIN | ACK).ack(CLIENT_ISN + 2).frame());
         }
-        run(b, &Tcp::new(client(40003), VIP, ACK).frame());
+        run(b, &from_client(40003, ACK).seq(CLIENT_ISN + 2).ack(BACKEND_ISN + 2).frame());
         assert_eq!(active(b), vec![0]);
         assert_eq!(counter(b, Counter::ClosedFlows), 1);
     });
@@ -114,13 +121,13 @@ fn reset_from_either_side_closes_the_flow_once() {
         let first = open(b, 40004);
         let second = open(b, 40005);
         assert_ne!(first, second, "least connections spreads two flows");
-        run(b, &Tcp::new(client(40004), VIP, RST).frame());
-        run(b, &Tcp::new(client(40004), VIP, RST).frame());
+        // Each RST carries the sequence number its receiver expects.
+        run(b, &from_client(40004, RST).frame());
+        run(b, &from_client(40004, RST).frame());
         // (A backend's RST before any answer is a refused handshake: see
-        // failover_datapath.rs.)
-        run(b, &Tcp::new(second, client(40005), SYN | ACK).frame());
-        run(b, &Tcp::new(second, client(40005), RST | ACK).frame());
-        run(b, &Tcp::new(second, client(40005), RST | ACK).frame());
+        // failover.rs.)
+        run(b, &from_backend(second, 40005, RST | ACK).frame());
+        run(b, &from_backend(second, 40005, RST | ACK).frame());
         assert_eq!(active(b), vec![0, 0]);
         assert_eq!(counter(b, Counter::ClosedFlows), 2);
     });
@@ -134,14 +141,13 @@ fn a_syn_reusing_a_closed_flows_ports_is_a_new_flow() {
         assert_ne!(first, other);
         // Now `first` has no flow and `other` one: least connections must
         // pick `first` for the new flow.
-        run(b, &Tcp::new(client(40006), VIP, RST).frame());
+        run(b, &from_client(40006, RST).frame());
         let again = open(b, 40006);
         assert_eq!(again, first, "the new flow went to the least loaded backend");
         assert_eq!(active(b), vec![1, 1]);
         assert_eq!(counter(b, Counter::NewFlows), 3);
-        // Once the backend has answered, a retransmitted SYN of the live flow
-        // is not another flow.
-        run(b, &Tcp::new(again, client(40006), SYN | ACK).frame());
+        // A retransmitted SYN (and SYN-ACK) of the live flow is not another
+        // flow.
         assert_eq!(open(b, 40006), again);
         assert_eq!(counter(b, Counter::NewFlows), 3);
         assert_eq!(flow_entries(b), 4);
@@ -162,7 +168,7 @@ fn new_flows_go_to_the_backend_with_fewest_connections_relative_to_weight() {
         let mut closed = 0;
         for f in flows.iter().filter(|f| &f.backend == victim).take(2) {
             let c: SocketAddrV4 = f.client.parse().unwrap();
-            run(b, &Tcp::new(c, VIP, RST).frame());
+            run(b, &from_client(c.port(), RST).frame());
             closed += 1;
         }
         assert_eq!(closed, 2);
@@ -186,7 +192,7 @@ fn ties_are_broken_at_random_not_always_the_first_backend() {
         for port in 0..200 {
             // Every flow closes before the next opens: all backends tie at 0.
             chosen[backend_index(open(b, 44000 + port))] += 1;
-            run(b, &Tcp::new(client(44000 + port), VIP, RST).frame());
+            run(b, &from_client(44000 + port, RST).frame());
         }
         assert!(chosen.iter().all(|&n| n >= 20), "ties should spread: {chosen:?}");
         assert_eq!(active(b), vec![0; 4]);
@@ -205,7 +211,7 @@ fn weight_zero_and_removed_backends_take_no_new_flows() {
         assert_eq!(verdict, XDP_DROP, "no backend can take it: the client retries");
         assert_eq!(counter(b, Counter::NoBackend), 1);
         // The removed backend's established flows still work.
-        let (verdict, out) = run(b, &Tcp::new(client(45000), VIP, ACK).frame());
+        let (verdict, out) = run(b, &from_client(45000, ACK).frame());
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(inspect(&out).dst, backend(1));
     });
@@ -302,7 +308,7 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
         assert_eq!(flow_entries(b), 0);
         // A closed flow that expires does not count down a second time.
         let again = open(b, 40031);
-        run(b, &Tcp::new(client(40031), VIP, RST).frame());
+        run(b, &from_client(40031, RST).frame());
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(lb::runtime::aging::age(&mut b.datapath, &short, true).unwrap().expired, 1);
         assert_eq!(active(b), vec![0, 0]);
@@ -314,8 +320,8 @@ fn idle_flows_expire_with_their_counts_and_busy_ones_stay() {
 fn the_next_hop_is_cached_per_flow_and_follows_a_neighbour_change_within_a_second() {
     with_balancer(&[1], |b| {
         let be = open(b, 40040); // the first packet looks the route up
-        let ack = Tcp::new(client(40040), VIP, ACK).frame();
-        let reply = Tcp::new(be, client(40040), ACK).frame();
+        let ack = from_client(40040, ACK).frame();
+        let reply = from_backend(be, 40040, ACK).frame();
         assert_eq!(inspect(&run(b, &ack).1).dst_mac, backend_mac(0));
         assert_eq!(inspect(&run(b, &reply).1).dst_mac, CLIENT_MAC);
         // Both MACs change (replaced machines keeping their addresses).
@@ -342,8 +348,8 @@ fn the_next_hop_is_cached_per_flow_and_follows_a_neighbour_change_within_a_secon
 fn a_slot_given_to_another_backend_never_reuses_the_old_backends_hop() {
     with_balancer(&[1], |b| {
         open(b, 40050); // caches backend 0's hop for its slot
-        run(b, &Tcp::new(client(40050), VIP, FIN | ACK).frame());
-        run(b, &Tcp::new(backend(0), client(40050), FIN | ACK).frame());
+        run(b, &from_client(40050, FIN | ACK).frame());
+        run(b, &from_backend(backend(0), 40050, FIN | ACK).ack(CLIENT_ISN + 2).frame());
         assert_eq!(active(b), vec![0]);
         b.remove_backend("web", backend(0)).unwrap();
         b.add_backend("web", &lb::config::BackendConfig::new(backend(1), 1)).unwrap();
@@ -352,7 +358,7 @@ fn a_slot_given_to_another_backend_never_reuses_the_old_backends_hop() {
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!((inspect(&out).dst, inspect(&out).dst_mac), (backend(1), backend_mac(1)));
         // The old flow's trailing packets still go to backend 0.
-        let (_, out) = run(b, &Tcp::new(client(40050), VIP, ACK).frame());
+        let (_, out) = run(b, &from_client(40050, ACK).seq(CLIENT_ISN + 2).ack(BACKEND_ISN + 2).frame());
         assert_eq!((inspect(&out).dst, inspect(&out).dst_mac), (backend(0), backend_mac(0)));
     });
 }

@@ -8,8 +8,11 @@ use lb::{
 };
 use lb_common::Counter;
 use lb_tests::{
-    packet::{inspect, Tcp, ACK, PSH, RST, SYN},
-    routed::{active, backend, backend_index, client, counter, open, run, with_balancer, VIP},
+    packet::{inspect, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, PSH, RST, SYN},
+    routed::{
+        active, backend, backend_index, client, complete, counter, from_client, half_open, open, run, syn,
+        with_balancer, VIP,
+    },
 };
 
 fn passive(b: &lb::reconcile::Balancer, i: usize) -> (u64, u64) {
@@ -20,21 +23,25 @@ fn passive(b: &lb::reconcile::Balancer, i: usize) -> (u64, u64) {
 #[test]
 fn a_refused_handshake_is_hidden_and_the_retried_syn_goes_elsewhere() {
     with_balancer(&[1, 1], |b| {
-        let first = open(b, 50000);
+        let first = syn(b, 50000);
         let i = backend_index(first);
-        let (verdict, _) = run(b, &Tcp::new(first, client(50000), RST | ACK).frame());
+        let (verdict, _) = run(b, &refusal(first, 50000).frame());
         assert_eq!(verdict, XDP_DROP, "the client does not see the refusal");
         assert_eq!(passive(b, i), (1, 0));
         assert_eq!(counter(b, Counter::RefusalSwallowed), 1);
         // The client's SYN retransmission moves to the other backend.
-        let again = open(b, 50000);
+        let again = retransmit_syn(b, 50000);
         assert_ne!(again, first);
         assert_eq!(counter(b, Counter::SynRetried), 1);
         let mut expected = vec![0, 0];
         expected[backend_index(again)] = 1;
-        assert_eq!(active(b), expected, "the count moved with the flow");
-        // The refusing backend's late packets for it are not rewritten.
-        let (_, out) = run(b, &Tcp::new(again, client(50000), SYN | ACK).frame());
+        assert_eq!(half_open(b), expected, "the count moved with the flow");
+        // The refusing backend's late packets for it are no flow's any more:
+        // the kernel gets them as they are, not rewritten.
+        let (verdict, _) = run(b, &refusal(first, 50000).frame());
+        assert_eq!(verdict, lb::datapath::XDP_PASS);
+        let syn_ack = Tcp::new(again, client(50000), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+        let (_, out) = run(b, &syn_ack.frame());
         assert_eq!(inspect(&out).src, VIP);
     });
 }
@@ -42,11 +49,11 @@ fn a_refused_handshake_is_hidden_and_the_retried_syn_goes_elsewhere() {
 #[test]
 fn a_refusal_reaches_the_client_when_no_other_backend_can_take_it() {
     with_balancer(&[1], |b| {
-        let only = open(b, 50001);
-        let (verdict, out) = run(b, &Tcp::new(only, client(50001), RST | ACK).frame());
+        let only = syn(b, 50001);
+        let (verdict, out) = run(b, &refusal(only, 50001).frame());
         assert_eq!(verdict, XDP_REDIRECT, "fail fast: the client gets the RST");
         assert_eq!(inspect(&out).src, VIP);
-        assert_eq!(active(b), vec![0]);
+        assert_eq!((active(b), half_open(b)), (vec![0], vec![0]));
         assert_eq!(passive(b, 0), (1, 0));
     });
 }
@@ -54,21 +61,22 @@ fn a_refusal_reaches_the_client_when_no_other_backend_can_take_it() {
 #[test]
 fn an_unanswered_syn_retransmission_moves_to_another_backend() {
     with_balancer(&[1, 1, 1], |b| {
-        let first = open(b, 50002);
-        let second = open(b, 50002);
+        let first = syn(b, 50002);
+        let second = retransmit_syn(b, 50002);
         assert_ne!(first, second, "moved away from the silent backend");
         assert_eq!(passive(b, backend_index(first)), (0, 1));
-        assert_eq!(active(b).iter().sum::<u64>(), 1);
+        assert_eq!(half_open(b).iter().sum::<u64>(), 1);
         // Once answered, a retransmitted SYN stays.
-        run(b, &Tcp::new(second, client(50002), SYN | ACK).frame());
-        assert_eq!(open(b, 50002), second);
+        complete(b, 50002, second);
+        assert_eq!(retransmit_syn(b, 50002), second);
         assert_eq!(counter(b, Counter::NewFlows), 2);
+        assert_eq!(active(b).iter().sum::<u64>(), 1);
     });
     with_balancer(&[1], |b| {
         // Nowhere else to go: the SYN is retried on the same backend.
-        let only = open(b, 50003);
-        assert_eq!(open(b, 50003), only);
-        assert_eq!(active(b), vec![1]);
+        let only = syn(b, 50003);
+        assert_eq!(retransmit_syn(b, 50003), only);
+        assert_eq!(half_open(b), vec![1]);
     });
 }
 
@@ -101,7 +109,7 @@ fn max_conns_caps_a_backend_and_a_full_pool_drops_the_syn() {
         let (verdict, _) = run(b, &Tcp::new(client(52100), VIP, SYN).frame());
         assert_eq!(verdict, XDP_DROP, "every backend is at its cap");
         assert_eq!(counter(b, Counter::NoBackend), 1);
-        run(b, &Tcp::new(client(52000), VIP, RST).frame());
+        run(b, &from_client(52000, RST).frame());
         let (verdict, _) = run(b, &Tcp::new(client(52100), VIP, SYN).frame());
         assert_eq!(verdict, XDP_REDIRECT, "room again after a flow closed");
     });
@@ -111,7 +119,6 @@ fn max_conns_caps_a_backend_and_a_full_pool_drops_the_syn() {
 fn a_reset_flow_answers_the_client_with_a_valid_rst() {
     with_balancer(&[1], |b| {
         let be = open(b, 50010);
-        run(b, &Tcp::new(be, client(50010), SYN | ACK).frame());
         let key = b.datapath.flows().into_iter().find(|(_, f)| f.direction == 0).unwrap().0;
         assert_eq!(b.datapath.reset_flows(&[key]).unwrap(), 1);
         assert_eq!(active(b), vec![0], "the count is released at once");
@@ -130,10 +137,23 @@ fn a_reset_flow_answers_the_client_with_a_valid_rst() {
         assert_eq!(u32::from_be_bytes(out[t + 4..t + 8].try_into().unwrap()), 0x1122_3344);
         assert_eq!(counter(b, Counter::ResetSent), 1);
         // The client's own RST is not answered: it goes on to the backend.
-        let (_, out) = run(b, &Tcp::new(client(50010), VIP, RST).frame());
+        let (_, out) = run(b, &from_client(50010, RST).frame());
         assert_eq!(inspect(&out).dst, be);
         assert_eq!(counter(b, Counter::ResetSent), 1);
     });
+}
+
+/// The backend's refusal of the client's SYN from `port`: an RST that
+/// acknowledges it.
+fn refusal(backend: std::net::SocketAddrV4, port: u16) -> Tcp {
+    Tcp::new(backend, client(port), RST | ACK).seq(0).ack(CLIENT_ISN + 1)
+}
+
+/// The client retransmits its SYN after TCP's first retransmission timeout
+/// (the data path counts a SYN as unanswered only past half a second).
+fn retransmit_syn(b: &lb::reconcile::Balancer, port: u16) -> std::net::SocketAddrV4 {
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    syn(b, port)
 }
 
 /// Recomputes the checksums of a frame a test edited.

@@ -2,4 +2,6 @@
 //! per feature; shared set-up in `lb_tests::routed` and `lb_tests::packet`.
 mod datapath;
 mod failover;
+mod hostile;
+mod port_reuse;
 mod random_two;

@@ -5,7 +5,7 @@
 use lb::{
     api::Admin, reconcile::Balancer,
     config::{BackendConfig, Scheduler},
-    datapath::{XDP_DROP, XDP_REDIRECT},
+    datapath::XDP_DROP,
 };
 use lb_tests::{
     packet::{Tcp, SYN},
@@ -75,11 +75,10 @@ fn capped_backends_are_passed_over_even_when_both_picks_are_full() {
             let max_conns = if i == 3 { 0 } else { 1 };
             b.add_backend("web", &BackendConfig { max_conns, ..BackendConfig::new(backend(i), 1) }).unwrap();
         }
-        // Three backends take one flow each; after that only backend 3 has
-        // room, though the two random picks often land on full ones.
+        // Three backends take one connection each; after that only backend 3
+        // has room, though the two random picks often land on full ones.
         for port in 0..40 {
-            let (verdict, _) = run(b, &Tcp::new(client(43000 + port), VIP, SYN).frame());
-            assert_eq!(verdict, XDP_REDIRECT);
+            open(b, 43000 + port);
         }
         assert_eq!(active(b), vec![1, 1, 1, 37]);
         b.set_admin("web", backend(3), Admin::Disabled).unwrap();

@@ -18,8 +18,8 @@ use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES};
 
 use crate::targets::Check;
 use lb_tests::{
-    packet::{Tcp, ACK, SYN},
-    routed::{balancer, balancer_scheduling, routed_host, CLIENT, VIP},
+    packet::{Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
+    routed::{balancer, balancer_scheduling, from_backend, from_client, routed_host, CLIENT, VIP},
 };
 
 const CALLS: usize = 20_000;
@@ -77,6 +77,11 @@ fn syns(from: usize, count: usize) -> Vec<Vec<u8>> {
     (from..from + count).map(|i| Tcp::new(client(i), VIP, SYN).frame()).collect()
 }
 
+/// `CALLS` segments of one stream: the i-th made by `segment(i)`.
+fn stream(segment: impl Fn(u32) -> Tcp) -> Vec<Vec<u8>> {
+    (0..CALLS as u32).map(|i| segment(i).payload(&[0; 6]).frame()).collect()
+}
+
 fn new_flows(b: &Balancer) -> u64 {
     b.datapath.counters().unwrap()[Counter::NewFlows as usize]
 }
@@ -96,13 +101,11 @@ pub fn run() -> (String, Vec<Check>) {
         let b = balancer(&[1, 1, 1], 1_000_000);
         add("not for a service (to the kernel)", time(&b, &vec![not_for_us(); CALLS], XDP_PASS));
 
-        // One flow, then its packets both ways.
-        let c = SocketAddrV4::new(CLIENT, 40000);
-        let (_, out) = b.datapath.run_packet(&Tcp::new(c, VIP, SYN).frame()).unwrap();
-        let chosen = lb_tests::packet::inspect(&out).dst;
-        let forward = vec![Tcp::new(c, VIP, ACK).payload(&[0; 6]).frame(); CALLS];
-        add("established client→backend", time(&b, &forward, XDP_REDIRECT));
-        let reply = vec![Tcp::new(chosen, c, ACK).payload(&[0; 6]).frame(); CALLS];
+        // One connection, then its packets both ways, each a little further
+        // on in its sequence space as a real stream's are.
+        let chosen = lb_tests::routed::open(&b, 40000);
+        add("established client→backend", time(&b, &stream(|i| from_client(40000, ACK).seq(CLIENT_ISN + 1 + 6 * i)), XDP_REDIRECT));
+        let reply = stream(|i| from_backend(chosen, 40000, ACK).seq(BACKEND_ISN + 1 + 6 * i).ack(CLIENT_ISN + 1 + 6 * CALLS as u32));
         add("reply backend→client", time(&b, &reply, XDP_REDIRECT));
 
         for backends in [3usize, 64, 256] {
@@ -124,7 +127,15 @@ pub fn run() -> (String, Vec<Check>) {
         }
         assert_eq!(new_flows(&b), fill as u64);
         add("new flow (SYN), 256 backends, table 90 % full", time(&b, &syns(fill, CALLS), XDP_REDIRECT));
-        let forward = vec![Tcp::new(client(7), VIP, ACK).frame(); CALLS];
+        // Complete one of the filling flows' handshakes.
+        let (_, out) = b.datapath.run_packet(&Tcp::new(client(7), VIP, SYN).frame()).unwrap();
+        let backend = lb_tests::packet::inspect(&out).dst;
+        let syn_ack = Tcp::new(backend, client(7), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+        let ack = Tcp::new(client(7), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
+        for f in [syn_ack, ack] {
+            assert_eq!(b.datapath.run_packet(&f.frame()).unwrap().0, XDP_REDIRECT);
+        }
+        let forward = stream(|i| Tcp::new(client(7), VIP, ACK).seq(CLIENT_ISN + 1 + 6 * i).ack(BACKEND_ISN + 1));
         add("established, table 90 % full", time(&b, &forward, XDP_REDIRECT));
 
         // The agent's side of a big table: one aging scan (nothing idle
