@@ -16,11 +16,30 @@ pub struct Clock {
     /// A flow's `last_seen` is refreshed at most this often (0.25 s), to
     /// keep its cache line clean on most packets.
     pub touch_every: u64,
+    /// When a SYN finds the table full, a flow idle this long in its state
+    /// makes room for it (`Clock` ticks): closed flows at once, half-open
+    /// ones after `EVICT_HALF_OPEN_NS`, others after their timeouts. So the
+    /// table never stays full of dead flows, with the agent or without it.
+    pub evict: Timeouts,
 }
 
+/// How long a half-open flow must have been idle before a SYN that finds the
+/// table full may take its place: longer than a handshake takes, shorter
+/// than a client's first SYN retransmission.
+pub const EVICT_HALF_OPEN_NS: u64 = 1_000_000_000;
+
 impl Clock {
-    pub fn new(ticks_per_second: u64) -> Self {
-        Self { ticks_per_second, hop_ttl: ticks_per_second, touch_every: (ticks_per_second / 4).max(1) }
+    /// A clock ticking `ticks_per_second`, evicting by `timeouts` (ns).
+    pub fn new(ticks_per_second: u64, timeouts: &Timeouts) -> Self {
+        let mut clock = Self {
+            ticks_per_second,
+            hop_ttl: ticks_per_second,
+            touch_every: (ticks_per_second / 4).max(1),
+            evict: Timeouts::default(),
+        };
+        let evict = Timeouts { syn: timeouts.syn.min(EVICT_HALF_OPEN_NS), closed: 0, ..*timeouts };
+        clock.evict = clock.timeouts(&evict);
+        clock
     }
 
     /// Nanoseconds to ticks, rounded up so a timeout is never shortened.

@@ -100,6 +100,8 @@ counters! {
     /// A SYN whose backend-side ports are in use by another service's live
     /// flow (two services sharing a backend): dropped, the client retries.
     TupleInUse = "tuple_in_use",
+    /// A SYN found the table full and a dead flow made room for it.
+    Evicted = "evicted_for_room",
 }
 
 impl Counter {
@@ -116,8 +118,9 @@ impl Counter {
         Counter::TupleInUse,
     ];
     /// Other events of the data path: the metrics' `lb_events`.
-    pub const EVENTS: [Counter; 9] = [
+    pub const EVENTS: [Counter; 10] = [
         Counter::NewFlows,
+        Counter::Evicted,
         Counter::Established,
         Counter::RstInWindow,
         Counter::ClosedFlows,
@@ -150,7 +153,7 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
-        assert_eq!(Counter::TupleInUse as usize + 1, COUNTER_COUNT);
+        assert_eq!(Counter::Evicted as usize + 1, COUNTER_COUNT);
         assert_eq!(Counter::TableFull.name(), "table_full");
     }
 }

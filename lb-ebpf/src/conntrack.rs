@@ -30,7 +30,13 @@
 //! count established ones. Every change of state is atomic (fetch-or,
 //! compare-and-swap), so exactly one CPU or expire call sees a flow become
 //! established, or become closed, and only that one moves its count.
-use aya_ebpf::{bindings::{BPF_ANY, BPF_NOEXIST}, programs::XdpContext};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_for_each_map_elem,
+    programs::XdpContext,
+};
 use lb_common::{
     flow_closed, flow_timeout, seq_after, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
     DIR_REPLY, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
@@ -41,7 +47,7 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{ACTIVE, FLOWS, SERVICES},
+    maps::{ACTIVE, CLOCK, FLOWS, SERVICES},
     nat::csum_diffs,
     parse::{window_scale, TcpPacket},
     schedule, stats,
@@ -466,14 +472,22 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             unsafe { *entry = forward };
         }
         None => {
-            if let Err(e) = FLOWS.insert(key, &forward, BPF_NOEXIST as u64) {
+            let mut inserted = FLOWS.insert(key, &forward, BPF_NOEXIST as u64);
+            if matches!(inserted, Err(e) if e != -EEXIST) && make_room(now) {
+                inserted = FLOWS.insert(key, &forward, BPF_NOEXIST as u64);
+            }
+            if let Err(e) = inserted {
                 // EEXIST: another CPU opened the same flow a moment ago.
                 return Opened::Drop((e != -EEXIST).then_some(Counter::TableFull));
             }
         }
     }
     assign(service, choice.slot);
-    if FLOWS.insert(&reply_key, &reply, BPF_ANY as u64).is_err() {
+    let mut inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
+    if inserted.is_err() && make_room(now) {
+        inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
+    }
+    if inserted.is_err() {
         // Without its reply entry the flow cannot work: close it again.
         if let Some(entry) = FLOWS.get_ptr_mut(key) {
             mark(entry, FLOW_RESET);
@@ -481,6 +495,62 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(Some(Counter::TableFull));
     }
     Opened::Flow(forward)
+}
+
+/// Entries one search for room looks at, at most: a few nanoseconds each,
+/// paid only by SYNs that find the table full.
+const ROOM_SEARCH: u32 = 1024;
+
+#[repr(C)]
+struct RoomSearch {
+    evict: *const Timeouts,
+    now: u64,
+    seen: u32,
+    found: u32,
+    victim: FlowKey,
+}
+
+/// Makes room in a full table for a new flow: removes the first flow found
+/// that is dead — closed, or idle past its state's eviction timeout
+/// (`Clock::evict`: half-open flows after a second) — through `expire`, so
+/// its count comes down exactly once and a packet arriving meanwhile keeps
+/// it. Under a SYN flood the flood's own half-open flows make room for
+/// real clients; with no agent running, closed and idle flows do.
+/// Established flows in use never go.
+#[inline(always)]
+fn make_room(now: u64) -> bool {
+    let Some(clock) = CLOCK.get(0) else {
+        return false;
+    };
+    let mut search = RoomSearch { evict: &clock.evict, now, seen: 0, found: 0, victim: FlowKey::default() };
+    unsafe {
+        bpf_for_each_map_elem(
+            &FLOWS as *const _ as *mut c_void,
+            room_step as *mut c_void,
+            &mut search as *mut RoomSearch as *mut c_void,
+            0,
+        )
+    };
+    let freed = search.found != 0 && expire(&search.victim, &clock.evict, now);
+    if freed {
+        stats::count(Counter::Evicted);
+    }
+    freed
+}
+
+/// One entry of the search: a forward entry idle past its state's eviction
+/// timeout is the victim. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn room_step(_map: *mut c_void, key: *const FlowKey, flow: *const Flow, ctx: *mut c_void) -> i64 {
+    let search = unsafe { &mut *(ctx as *mut RoomSearch) };
+    search.seen += 1;
+    let (direction, state, last_seen) = unsafe { ((*flow).direction, (*flow).state, (*flow).last_seen) };
+    if direction == DIR_FORWARD && search.now.saturating_sub(last_seen) >= flow_timeout(unsafe { &*search.evict }, state) {
+        search.victim = unsafe { *key };
+        search.found = 1;
+        return 1;
+    }
+    (search.seen >= ROOM_SEARCH) as i64
 }
 
 /// Closes a live flow at the agent's request (its backend died and the

@@ -89,6 +89,14 @@ pub fn with_balancer<T: Send>(weights: &[u32], test: impl FnOnce(&mut Balancer) 
     with_balancer_scheduling(weights, Scheduler::LeastConn, test)
 }
 
+/// `with_balancer` with a connection table of `max_flows` flows.
+pub fn with_table<T: Send>(weights: &[u32], max_flows: u32, test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
+    let _serial = serial();
+    let ns = routed_host(weights.len().max(4));
+    let weights = weights.to_vec();
+    ns.run(move || test(&mut balancer_scheduling(&weights, max_flows, Scheduler::LeastConn)))
+}
+
 /// `with_balancer`, the service choosing backends by `scheduler`.
 pub fn with_balancer_scheduling<T: Send>(
     weights: &[u32],

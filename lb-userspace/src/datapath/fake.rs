@@ -5,8 +5,8 @@ use std::{cell::RefCell, collections::BTreeMap, net::SocketAddrV4};
 
 use anyhow::{bail, Result};
 use lb_common::{
-    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, COUNTER_COUNT, DIR_FORWARD,
-    MAX_BACKENDS,
+    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Timeouts, COUNTER_COUNT,
+    DIR_FORWARD, MAX_BACKENDS,
 };
 
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ impl super::Maps for FakeMaps {
     }
 
     fn clock(&self) -> Clock {
-        Clock::new(1000)
+        Clock::new(1000, &Timeouts::default())
     }
 
     fn now_ticks(&self) -> Result<u64> {

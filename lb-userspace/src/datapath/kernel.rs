@@ -28,6 +28,8 @@ use super::{
     host_socket, service_key, Maps, Pins, XDP_PASS,
 };
 
+use crate::config::TimeoutConfig;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
 pub struct Datapath {
@@ -199,11 +201,21 @@ impl Datapath {
             .min_by(|a: &f64, b: &f64| (a - measured).abs().total_cmp(&(b - measured).abs()))
             .unwrap();
         let hz = if (nearest - measured).abs() <= 0.15 * nearest { nearest } else { measured.round().max(1.0) };
-        self.clock = Clock::new(hz as u64);
+        tracing::debug!(measured, hz, "data path clock");
+        self.write_clock(Clock::new(hz as u64, &TimeoutConfig::default().to_wire()))
+    }
+
+    /// Tells the data path the configured idle timeouts (ns): a SYN that
+    /// finds the table full makes room by them (`Clock::evict`).
+    pub fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<()> {
+        self.write_clock(Clock::new(self.clock.ticks_per_second, timeouts))
+    }
+
+    fn write_clock(&mut self, clock: Clock) -> Result<()> {
         let mut map: Array<&mut MapData, Clock> =
             Array::try_from(self.ebpf.map_mut("CLOCK").context("map CLOCK missing from the object")?)?;
-        map.set(0, self.clock, 0)?;
-        tracing::debug!(measured, hz, "data path clock");
+        map.set(0, clock, 0)?;
+        self.clock = clock;
         Ok(())
     }
 

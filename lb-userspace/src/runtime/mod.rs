@@ -80,6 +80,8 @@ fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool) -> Resu
             "the running data path keeps its room for services; `lb shutdown` and start again to change it"
         );
     }
+    let mut datapath = datapath;
+    datapath.set_timeouts(&config.agent.timeouts.to_wire())?;
     let mut balancer = Balancer::new(datapath);
     let adopted = if reused { balancer.adopt() } else { 0 };
     for service in &config.services {

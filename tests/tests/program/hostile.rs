@@ -12,7 +12,7 @@ use lb::{
 use lb_common::Counter;
 use lb_tests::{
     packet::{inspect, Tcp, ACK, FIN, PSH, RST, SYN},
-    routed::{active, backend, client, counter, half_open, run, with_balancer, Conn, VIP},
+    routed::{active, backend, client, counter, half_open, run, with_balancer, with_table, Conn, VIP},
 };
 
 /// Initial sequence numbers chosen to sit near the wrap of the sequence
@@ -247,5 +247,33 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
         conn.close(b);
         let (verdict, _) = run(b, &Tcp::new(client(60040), vip2, SYN).seq(ISN).frame());
         assert_eq!(verdict, XDP_REDIRECT);
+    });
+}
+
+#[test]
+fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
+    with_table(&[1], 4, |b| {
+        let mut conns: Vec<Conn> = (0..4).map(|i| Conn::open(b, 62000 + i, ISN, BACKEND_ISN)).collect();
+        // Four established flows fill it: nothing may go.
+        assert_eq!(Conn::syn(b, 62010, ISN).0, XDP_DROP);
+        assert_eq!(counter(b, Counter::TableFull), 1);
+        // A closed flow is dead at once.
+        conns[0].close(b);
+        assert_eq!(Conn::syn(b, 62011, ISN).0, XDP_REDIRECT);
+        assert_eq!(counter(b, Counter::Evicted), 1);
+        // A half-open flow (a flood's, say) makes room once idle for a
+        // second: longer than a handshake takes, shorter than a client's
+        // first retransmission.
+        assert_eq!(Conn::syn(b, 62012, ISN).0, XDP_DROP, "62011 is still young");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(Conn::syn(b, 62012, ISN).0, XDP_REDIRECT);
+        assert_eq!(counter(b, Counter::Evicted), 2);
+        assert_eq!((active(b), half_open(b)), (vec![3], vec![1]), "counts follow what was evicted");
+        let (_, differing) = b.verify_counts().unwrap();
+        assert!(differing.is_empty(), "{differing:?}");
+        // The established ones still work.
+        for conn in &mut conns[1..] {
+            assert_eq!(conn.send_client(b, ACK | PSH, b"still here").0, XDP_REDIRECT);
+        }
     });
 }
