@@ -113,7 +113,8 @@ pub struct Flow {
     pub l4_csum_diff: u16,
     /// What this direction's sender has sent, acknowledged and offered, as
     /// seen here: its next sequence number (SND.NXT), the last number it
-    /// acknowledged (its RCV.NXT), and its receive window, scaled. RSTs and
+    /// acknowledged (its RCV.NXT), and the largest receive window it offered,
+    /// scaled. RSTs and
     /// FINs from the other side are judged against them.
     pub seq_next: u32,
     pub acked: u32,

@@ -91,6 +91,16 @@ pub enum Tracked {
 pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow, now: &Now) -> Tracked {
     let own = unsafe { &mut *entry };
     let flags = pkt.flags;
+    // Most packets: data or an ACK on an established flow.
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && settled(own) {
+        if !plausible(own, pkt) {
+            // Nothing is learned from it, so it cannot move the windows that
+            // judge this connection's RSTs and FINs.
+            return Tracked::Drop(Counter::OutOfState);
+        }
+        learn(own, pkt, now);
+        return Tracked::Forward;
+    }
     if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0 {
         return Tracked::Drop(Counter::MalformedTcp);
     }
@@ -149,6 +159,17 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
 fn plausible(own: &Flow, pkt: &TcpPacket) -> bool {
     let near = |a: u32, b: u32| a.wrapping_sub(b).wrapping_add(PLAUSIBLE) < 2 * PLAUSIBLE;
     near(pkt.seq(), own.seq_next) && (pkt.flags & TCP_ACK == 0 || near(pkt.ack_seq(), own.acked))
+}
+
+/// Past the handshake and not closed (forward), or answered (reply): its
+/// segments are judged by their numbers alone.
+#[inline(always)]
+fn settled(own: &Flow) -> bool {
+    if own.direction == DIR_FORWARD {
+        own.state & (FLAG_BITS & !FLOW_BACKEND_FIN & !FLOW_CLIENT_FIN) == FLOW_ESTABLISHED
+    } else {
+        own.last_seen != 0
+    }
 }
 
 /// The entry of the other direction.
@@ -268,8 +289,10 @@ fn learn(own: &mut Flow, pkt: &TcpPacket, now: &Now) {
         if seq_after(ack, own.acked) {
             own.acked = ack;
         }
+        // The largest window offered, as nf_conntrack keeps it: a superset
+        // of the window at any moment, and written only when it grows.
         let window = pkt.window() << own.wscale;
-        if window != own.window {
+        if window > own.window {
             own.window = window;
         }
     }

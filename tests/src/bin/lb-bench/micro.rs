@@ -132,9 +132,10 @@ pub fn run() -> (String, Vec<Check>) {
         let backend = lb_tests::packet::inspect(&out).dst;
         let syn_ack = Tcp::new(backend, client(7), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
         let ack = Tcp::new(client(7), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
-        for f in [syn_ack, ack] {
-            assert_eq!(b.datapath.run_packet(&f.frame()).unwrap().0, XDP_REDIRECT);
-        }
+        // The filling clients have no route in this namespace: the rewritten
+        // SYN-ACK goes to the kernel, but it is taken, not dropped.
+        assert_eq!(b.datapath.run_packet(&syn_ack.frame()).unwrap().0, XDP_PASS);
+        assert_eq!(b.datapath.run_packet(&ack.frame()).unwrap().0, XDP_REDIRECT);
         let forward = stream(|i| Tcp::new(client(7), VIP, ACK).seq(CLIENT_ISN + 1 + 6 * i).ack(BACKEND_ISN + 1));
         add("established, table 90 % full", time(&b, &forward, XDP_REDIRECT));
 
