@@ -164,6 +164,19 @@ pub struct Timeouts {
     pub closed: u64,
 }
 
+/// When a flow was last active, from its forward entry's state and both
+/// entries' `last_seen`: a half-open flow counts only the client's packets,
+/// since a backend retransmitting its SYN-ACK to a spoofed source proves
+/// nothing about the client; once established, both directions count.
+#[inline(always)]
+pub const fn flow_last_active(state: u32, client_seen: u64, backend_seen: u64) -> u64 {
+    if state & FLOW_ESTABLISHED != 0 && backend_seen > client_seen {
+        backend_seen
+    } else {
+        client_seen
+    }
+}
+
 /// Which timeout applies to a flow, from its forward state. Shared so the
 /// agent's scan and the expire program agree on what is idle.
 #[inline(always)]

@@ -38,7 +38,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_closed, flow_timeout, seq_after, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
+    flow_closed, flow_last_active, flow_timeout, seq_after, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
     DIR_REPLY, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
@@ -624,7 +624,7 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
             }
         }
     }
-    let latest = if replied_at > last_seen { replied_at } else { last_seen };
+    let latest = flow_last_active(observed, last_seen, replied_at);
     if now.saturating_sub(latest) < flow_timeout(timeouts, observed) {
         return false;
     }

@@ -1,6 +1,7 @@
 //! Shared helpers for the load balancer's tests: network namespaces that
 //! clean up after themselves, crafted packets, and real TCP servers and
 //! clients running inside namespaces.
+pub mod inject;
 pub mod lab;
 pub mod netns;
 pub mod packet;

@@ -44,7 +44,8 @@ enum Task {
 }
 
 /// Debian packages the lab and tests use.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping")];
+const PACKAGES: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping"), ("hping3", "hping3")];
 /// What the end-to-end benchmark compares against, and its load generator
 /// (checked by a file each installs).
 const BENCH_PACKAGES: &[(&str, &str)] = &[

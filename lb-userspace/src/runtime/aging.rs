@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_REPLY};
+use lb_common::{flow_last_active, flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_REPLY};
 
 use crate::{
     datapath::{Datapath, Maps},
@@ -116,7 +116,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
         let idle: Vec<FlowKey> = candidates
             .values()
             .filter(|(_, flow, replied_at)| {
-                let last = flow.last_seen.max(*replied_at);
+                let last = flow_last_active(flow.state, flow.last_seen, *replied_at);
                 now.saturating_sub(last) >= flow_timeout(&ticks, flow.state)
             })
             .map(|(key, _, _)| *key)

@@ -6,6 +6,7 @@ mod balancing;
 mod cli;
 mod failover;
 mod forwarding;
+mod hostile;
 mod metrics;
 mod reload;
 mod restart;

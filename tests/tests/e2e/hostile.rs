@@ -1,0 +1,121 @@
+//! End to end: what hostile hosts on either network do to real connections
+//! through the balancer — RSTs forged with the right ports, and a SYN flood
+//! from random sources — and what a user checks afterwards: the held
+//! connections still work, new clients get in, the table and counts return
+//! to what the real connections hold.
+use std::{
+    net::SocketAddrV4,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    inject,
+    lab::{backend_addr, start, Agent, VIP},
+    packet::{Tcp, ACK, RST},
+    servers::{connect, connect_with, Held},
+};
+
+fn client_side(held: &Held) -> SocketAddrV4 {
+    match held.stream.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("not IPv4: {other}"),
+    }
+}
+
+fn counter(agent: &Agent, name: &str) -> u64 {
+    agent.status()["counters"][name].as_u64().unwrap()
+}
+
+fn connections(agent: &Agent) -> (u64, u64) {
+    let s = &agent.status()["services"][0];
+    (s["active_connections"].as_u64().unwrap(), s["half_open_connections"].as_u64().unwrap())
+}
+
+/// Sequence numbers no real connection here is likely to be near.
+fn forged_seq(i: u32) -> u32 {
+    0x8000_0000u32.wrapping_add(i.wrapping_mul(0x3779_b97f))
+}
+
+#[test]
+fn rsts_forged_with_the_right_ports_from_either_side_break_no_connection() {
+    let running = start(&[1, 1, 1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
+    let held: Vec<Held> = (0..8).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let mut n = 0;
+    for h in &held {
+        let client = client_side(h);
+        let b: usize = h.backend.trim_start_matches('b').parse::<usize>().unwrap() - 1;
+        // From the client's network, as the client; from the backends'
+        // network, as the backend.
+        let from_client: Vec<Tcp> =
+            (0..4).map(|i| Tcp::new(client, VIP, RST).seq(forged_seq(n + i))).collect();
+        let from_backend: Vec<Tcp> =
+            (0..4).map(|i| Tcp::new(backend_addr(b), client, RST | ACK).seq(forged_seq(n + 4 + i)).ack(7)).collect();
+        inject::send(&lab.client, &from_client);
+        inject::send(&lab.backends[(b + 1) % lab.backends.len()], &from_backend);
+        n += 8;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for h in &held {
+        assert_eq!(h.round_trip(b"still here").unwrap(), b"still here", "the connection to {} survived", h.backend);
+    }
+    assert_eq!(connections(agent), (8, 0), "all eight still counted");
+    assert!(counter(agent, "rst_out_of_window") >= 60, "the forged RSTs were dropped: {}", agent.status()["counters"]);
+    for h in &held {
+        h.close().unwrap();
+    }
+    agent.wait_for("counts back to zero", Duration::from_secs(5), |s| s["services"][0]["active_connections"] == 0);
+}
+
+#[test]
+fn a_spoofed_syn_flood_keeps_no_real_client_out_and_leaves_nothing_behind() {
+    // Half-open flows age after 3 s: the table must be back to the held
+    // connections within that (and an aging scan or two) after the flood.
+    let running = start(&[1, 1, 1, 1], "aging_interval_ms = 200\n[agent.timeouts]\nsyn = 3\n");
+    let (lab, agent) = (&running.lab, &running.agent);
+    let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+
+    // Bounded: hping3 stops after 5 s whatever happens.
+    let mut flood = lab
+        .client
+        .command("timeout")
+        .args(["5", "hping3", "--flood", "--rand-source", "-S", "-p", "80", &VIP.ip().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)");
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = agent.status();
+    // Real clients the balancer has never seen, while it lasts.
+    let mut connected = 0;
+    let mut slowest = Duration::ZERO;
+    let attempts = 10;
+    for _ in 0..attempts {
+        let began = Instant::now();
+        if let Ok(h) = connect_with(&lab.client, VIP, Duration::from_secs(3)) {
+            connected += 1;
+            slowest = slowest.max(began.elapsed());
+            let _ = h.close();
+        }
+    }
+    let flood_status = flood.wait().unwrap();
+    let flooded = during["counters"]["new_flows"].as_u64().unwrap();
+    eprintln!(
+        "flood: {flooded} flows opened in 1.5 s, table {} of {}; real clients {connected}/{attempts} connected, slowest {:?}",
+        during["flow_table"]["flows"], during["flow_table"]["capacity"], slowest
+    );
+    assert!(flood_status.code() == Some(124) || flood_status.success(), "hping3 ran: {flood_status}");
+    assert!(flooded > 10_000, "the flood reached the balancer: {flooded} flows");
+    assert_eq!(connections(agent).0, 4, "half-open flood flows are no active connections");
+    assert!(connected >= attempts - 1, "real clients got in during the flood: {connected}/{attempts}");
+
+    // Within the half-open timeout (and a scan) after it: back to normal.
+    agent.wait_for("the flood's flows gone", Duration::from_secs(8), |s| {
+        s["flow_table"]["flows"].as_u64() == Some(4) && s["services"][0]["half_open_connections"] == 0
+    });
+    assert_eq!(connections(agent), (4, 0));
+    for h in &held {
+        assert_eq!(h.round_trip(b"untouched").unwrap(), b"untouched");
+    }
+}
