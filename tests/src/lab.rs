@@ -208,6 +208,10 @@ pub struct Agent {
 }
 
 impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs an `lb` CLI command against this agent; Err holds its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(lb_binary())

@@ -44,7 +44,8 @@ pub fn run(config: Config, options: Options) -> Result<()> {
 }
 
 async fn serve(config: Config, options: Options) -> Result<()> {
-    let pins = Pins::new(&config.agent.pin_dir)?;
+    // Locked for as long as this agent runs; a second agent stops here.
+    let (pins, _lock) = Pins::open(&config.agent.pin_dir)?;
     let (datapath, reused) = match Datapath::load_pinned(config.agent.max_flows, config.agent.max_services, &pins) {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -5,6 +5,7 @@ mod aging;
 mod balancing;
 mod cli;
 mod failover;
+mod faults;
 mod forwarding;
 mod hostile;
 mod metrics;

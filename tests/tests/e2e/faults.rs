@@ -1,0 +1,82 @@
+//! End to end: an operator's mistakes around a running data path — a second
+//! agent on the same pins, the agent started the usual way inside a
+//! namespace — leave what runs exactly as it was, and say what to do.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{backend_addr, lb_binary, start, VIP},
+    servers::{connect_with, request},
+};
+
+/// Runs `lb agent` with `config` the way `how` says (a command prefix) and
+/// waits for it to exit; returns whether it succeeded, and its stderr.
+fn run_agent(how: &[&str], config: &std::path::Path) -> (bool, String) {
+    let mut child = Command::new(how[0])
+        .args(&how[1..])
+        .arg(lb_binary())
+        .args(["agent", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return (status.success(), String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_agent_on_the_same_data_path_changes_nothing_and_names_the_first() {
+    let running = start(&[1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
+    let before = agent.status();
+    // Another config: another socket, another service on another VIP, and
+    // only one of the backends.
+    let vip2 = std::net::SocketAddrV4::new(*VIP.ip(), 8080);
+    let other = format!(
+        "[agent]\ninterfaces = [\"cli\", \"srv\"]\nsocket = \"{}\"\npin_dir = \"{}\"\n\n\
+         [[service]]\nname = \"other\"\nvip = \"{vip2}\"\n[[service.backend]]\naddress = \"{}\"\n",
+        lab.dir.join("second.sock").display(),
+        lab.pin_dir().display(),
+        backend_addr(0)
+    );
+    let path = lab.dir.join("second.toml");
+    std::fs::write(&path, other).unwrap();
+    let netns = format!("--net=/run/netns/{}", lab.lb.name);
+    let (ok, stderr) = run_agent(&["nsenter", &netns], &path);
+    assert!(!ok, "the second agent must exit non-zero");
+    assert!(stderr.contains(&format!("another lb agent (pid {})", agent.pid())), "{stderr}");
+    // The running one is as it was: its service, its backends, its data path.
+    assert_eq!(agent.status()["services"], before["services"]);
+    assert!(connect_with(&lab.client, vip2, Duration::from_millis(700)).is_err(), "no service on {vip2}");
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        answered.insert(request(&lab.client, VIP).unwrap());
+    }
+    assert_eq!(answered.len(), 2, "still balanced over both backends: {answered:?}");
+    assert!(!lab.dir.join("second.sock").exists());
+}
+
+#[test]
+fn started_with_ip_netns_exec_it_says_what_to_run_instead_and_pins_nothing() {
+    let _serial = lb_tests::serial();
+    let lab = lb_tests::lab::Lab::new(1);
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(&[1], "")).unwrap();
+    let (ok, stderr) = run_agent(&["ip", "netns", "exec", &lab.lb.name], &lab.dir.join("lb.toml"));
+    assert!(!ok);
+    assert!(stderr.contains("nsenter --net=/run/netns/NAME lb agent --config FILE"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!lab.pin_dir().exists(), "nothing pinned");
+}
