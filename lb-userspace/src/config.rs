@@ -190,6 +190,20 @@ impl std::fmt::Display for Mode {
 }
 
 pub const MAX_WEIGHT: u32 = 65_535;
+/// The longest idle timeout, hold or ramp: 30 days. Anything longer is a
+/// mistake, and durations past what a clock can add would panic.
+pub const MAX_TIMEOUT: f64 = 30.0 * 86_400.0;
+/// The longest health check interval or timeout: an hour.
+pub const MAX_CHECK_INTERVAL: f64 = 3_600.0;
+
+/// Checks that `value` (seconds, for the setting `what`) is a number within
+/// `min..=max`, and says so if not.
+pub fn seconds(what: &str, value: f64, min: f64, max: f64) -> Result<()> {
+    if !(value >= min && value <= max) {
+        bail!("{what} must be between {min} and {max} seconds, not {value}");
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -290,9 +304,8 @@ impl Default for HealthConfig {
 
 impl HealthConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        if !(self.interval >= 0.01 && self.timeout >= 0.01 && self.interval.is_finite() && self.timeout.is_finite()) {
-            anyhow::bail!("health: interval and timeout must be at least 0.01 seconds");
-        }
+        seconds("health: interval", self.interval, 0.01, MAX_CHECK_INTERVAL)?;
+        seconds("health: timeout", self.timeout, 0.01, MAX_CHECK_INTERVAL)?;
         if self.rise == 0 || self.fall == 0 {
             anyhow::bail!("health: rise and fall must be at least 1");
         }
@@ -324,14 +337,12 @@ impl Config {
         if a.max_services == 0 || a.max_services > MAX_SERVICES {
             bail!("agent.max_services must be between 1 and {MAX_SERVICES}, not {}", a.max_services);
         }
-        if a.aging_interval_ms == 0 {
-            bail!("agent.aging_interval_ms must be at least 1");
+        if a.aging_interval_ms == 0 || a.aging_interval_ms > 3_600_000 {
+            bail!("agent.aging_interval_ms must be between 1 and 3600000 (an hour), not {}", a.aging_interval_ms);
         }
         let t = &a.timeouts;
         for (name, v) in [("syn", t.syn), ("established", t.established), ("fin", t.fin), ("closed", t.closed)] {
-            if !(v > 0.0 && v.is_finite()) {
-                bail!("agent.timeouts.{name} must be a positive number of seconds, not {v}");
-            }
+            seconds(&format!("agent.timeouts.{name}"), v, 0.001, MAX_TIMEOUT)?;
         }
         if self.services.len() > a.max_services as usize {
             bail!("{} services, but agent.max_services is {}: raise it (up to {MAX_SERVICES})", self.services.len(), a.max_services);
@@ -388,9 +399,7 @@ impl BackendConfig {
     pub fn validate(&self, service: &str) -> Result<()> {
         validate_backend(service, self.address, self.weight)?;
         for (name, v) in [("fail_timeout", self.fail_timeout), ("slow_start", self.slow_start)] {
-            if !(v >= 0.0 && v.is_finite()) {
-                bail!("service {service}: backend {}: {name} must be a number of seconds, not {v}", self.address);
-            }
+            seconds(&format!("service {service}: backend {}: {name}", self.address), v, 0.0, MAX_TIMEOUT)?;
         }
         Ok(())
     }
@@ -451,6 +460,21 @@ mod tests {
         assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\nweight=70000")
             .contains("weight"));
         assert!(err("[agent]\nbogus=1").contains("unknown field"));
+        let backend = "[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\n";
+        for (extra, said) in [
+            ("fail_timeout = 1e30", "fail_timeout must be between 0 and 2592000 seconds, not 1000000000000000000000000000000"),
+            ("fail_timeout = -1", "fail_timeout must be between 0"),
+            ("fail_timeout = nan", "fail_timeout must be between 0"),
+            ("slow_start = inf", "slow_start must be between 0"),
+        ] {
+            let e = err(&format!("{backend}{extra}"));
+            assert!(e.contains(said), "{extra}: {e}");
+        }
+        let health = "[[service]]\nname='a'\nvip='1.2.3.4:80'\n[service.health]\n";
+        assert!(err(&format!("{health}interval = 1e30")).contains("health: interval must be between 0.01 and 3600"));
+        assert!(err(&format!("{health}timeout = 0")).contains("health: timeout must be between 0.01"));
+        assert!(err("[agent.timeouts]\nestablished = 1e30").contains("agent.timeouts.established must be between"));
+        assert!(err("[agent]\naging_interval_ms = 86400000000").contains("aging_interval_ms must be between 1"));
         assert!(err("[agent]\nmax_services=0").contains("agent.max_services must be between 1 and 256"));
         assert!(err("[agent]\nmax_services=1\n[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service]]\nname='b'\nvip='1.2.3.5:80'")
             .contains("2 services, but agent.max_services is 1"));

@@ -15,7 +15,7 @@ pub use self::render::{render_flows, render_spread, render_status, spread, Sprea
 use crate::{
     api::{Admin, FlowStatus},
     client::Client,
-    config::{BackendConfig, Config, Mode, Scheduler, ServiceConfig, DEFAULT_SOCKET},
+    config::{seconds, BackendConfig, Config, Mode, Scheduler, ServiceConfig, DEFAULT_SOCKET, MAX_TIMEOUT},
 };
 
 #[derive(Parser)]
@@ -185,8 +185,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Conntrack { json, service, backend, client: from, state } => {
             conntrack(&client, json, service, backend, from, state)
         }
-        Command::Watch { interval, count } => watch(&client, interval, count),
+        Command::Watch { interval, count } => {
+            seconds("--interval", interval, 0.01, 86_400.0)?;
+            watch(&client, interval, count)
+        }
         Command::Stats { interval, json } => {
+            seconds("--interval", interval, 0.01, 86_400.0)?;
             let before = client.status()?;
             std::thread::sleep(Duration::from_secs_f64(interval));
             let after = client.status()?;
@@ -223,6 +227,7 @@ pub fn run(cli: Cli) -> Result<()> {
             client.add_backend(service, backend)
         }
         Command::Backend(BackendCommand::Drain { service, address, wait, timeout }) => {
+            seconds("--timeout", timeout, 0.0, MAX_TIMEOUT)?;
             drain(&client, service, address, wait, timeout)
         }
         Command::Backend(BackendCommand::Enable { service, address }) => {
