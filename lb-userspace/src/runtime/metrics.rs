@@ -4,6 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{atomic::AtomicU64, Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -14,7 +15,8 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 use lb_common::Counter as DataPathCounter;
@@ -23,49 +25,66 @@ use crate::{api::Status, reconcile::Balancer};
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Connections served at once; more are closed at once, so that clients
+/// that connect and say nothing cannot pile up.
+const MAX_CONNECTIONS: usize = 64;
+/// How long one connection may take to send its request and take the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Starts serving; returns once the address is bound.
 pub async fn serve(address: SocketAddr, balancer: Arc<Mutex<Balancer>>) -> Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the metrics address {address}"))?;
     tracing::info!(%address, "serving Prometheus metrics at /metrics");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let Ok((conn, _)) = listener.accept().await else { continue };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(conn);
+                continue;
+            };
             let balancer = balancer.clone();
             tokio::spawn(async move {
-                // The request line, and the headers read to their end so the
-                // client is not cut off mid-request (8 KiB at most).
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let first = String::from_utf8_lossy(&request);
-                let path = first.split_whitespace().nth(1).unwrap_or("");
-                let response = if path == "/metrics" {
-                    let body = {
-                        let b = balancer.lock().unwrap();
-                        b.status().map(|s| render(&s, b.expired_total))
-                    };
-                    match body {
-                        Ok(body) => format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        ),
-                        Err(e) => format!("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{e:#}\n"),
-                    }
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmetrics are at /metrics".into()
-                };
-                let _ = conn.write_all(response.as_bytes()).await;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(conn, &balancer)).await;
+                drop(slot);
             });
         }
     });
     Ok(())
+}
+
+/// Reads one request and writes its answer.
+async fn answer(mut conn: TcpStream, balancer: &Mutex<Balancer>) {
+    // The request line, and the headers read to their end so the
+    // client is not cut off mid-request (8 KiB at most).
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let first = String::from_utf8_lossy(&request);
+    let path = first.split_whitespace().nth(1).unwrap_or("");
+    let response = if path == "/metrics" {
+        let body = {
+            let b = balancer.lock().unwrap();
+            b.status().map(|s| render(&s, b.expired_total))
+        };
+        match body {
+            Ok(body) => format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+            Err(e) => format!("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{e:#}\n"),
+        }
+    } else {
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmetrics are at /metrics".into()
+    };
+    let _ = conn.write_all(response.as_bytes()).await;
 }
 
 fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {

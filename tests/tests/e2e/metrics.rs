@@ -95,3 +95,26 @@ fn the_metrics_agree_with_the_traffic_sent() {
         h.close().unwrap();
     }
 }
+
+#[test]
+fn clients_that_connect_and_say_nothing_cannot_hold_the_endpoint() {
+    let _serial = serial();
+    let lab = Lab::new(1);
+    let _servers = lab.start_servers();
+    let _agent = lab.start_agent(&lab.config(&[1], &format!("metrics = \"{METRICS}\"")));
+    // A hundred idle connections: more than the endpoint serves at once.
+    let idle: Vec<TcpStream> = lab.lb.run(|| (0..100).filter_map(|_| TcpStream::connect(METRICS).ok()).collect());
+    assert!(idle.len() >= 64, "connected {}", idle.len());
+    // Within the request timeout the endpoint has let them go and answers
+    // a real scrape again.
+    let began = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let response = get(&lab, "/metrics");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    for mut conn in idle {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut rest = Vec::new();
+        assert!(conn.read_to_end(&mut rest).is_ok(), "closed by the server, not left hanging");
+    }
+    assert!(began.elapsed() < std::time::Duration::from_secs(30));
+}
