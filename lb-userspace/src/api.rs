@@ -24,6 +24,14 @@ pub enum Request {
     Shutdown,
 }
 
+impl Request {
+    /// Whether carrying it out changes what the agent runs (and so what a
+    /// restarted agent must take back).
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status | Request::Conntrack | Request::Reload | Request::Shutdown)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

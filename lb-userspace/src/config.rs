@@ -323,7 +323,12 @@ impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
-        let config: Config = toml::from_str(&text)
+        Self::parse(&text, path)
+    }
+
+    /// A config file's text, read from `path`.
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<Self> {
+        let config: Config = toml::from_str(text)
             .with_context(|| format!("{} is not a valid config", path.display()))?;
         config.validate().with_context(|| format!("{} is not a valid config", path.display()))?;
         Ok(config)

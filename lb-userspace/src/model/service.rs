@@ -62,6 +62,20 @@ impl Service {
         self.adopted = false;
     }
 
+    /// The service as a config: what it runs with now, the operator's
+    /// changes included (not its removed backends finishing their flows).
+    pub fn config(&self) -> ServiceConfig {
+        ServiceConfig {
+            name: self.name.clone(),
+            vip: self.vip,
+            scheduler: self.scheduler,
+            mode: self.mode,
+            health: self.health.clone(),
+            on_backend_down: self.on_down,
+            backends: self.configured().map(|m| m.config.clone()).collect(),
+        }
+    }
+
     pub fn members(&self) -> impl Iterator<Item = (usize, &Member)> {
         self.slots.iter().enumerate().filter_map(|(i, s)| match s {
             Slot::Used(m) => Some((i, &**m)),

@@ -14,6 +14,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
+use super::state::Persist;
 use crate::{
     api::{Request, Response},
     reconcile::Balancer,
@@ -42,7 +43,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Reads one request from `stream` and writes its answer.
-pub async fn answer(stream: UnixStream, balancer: Arc<Mutex<Balancer>>, loop_tx: mpsc::Sender<LoopRequest>) -> Result<()> {
+pub async fn answer(
+    stream: UnixStream,
+    balancer: Arc<Mutex<Balancer>>,
+    loop_tx: mpsc::Sender<LoopRequest>,
+    persist: &Persist,
+) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
@@ -60,7 +66,15 @@ pub async fn answer(stream: UnixStream, balancer: Arc<Mutex<Balancer>>, loop_tx:
             written = Some(written_tx);
             answer.await?
         }
-        Ok(request) => handle(&mut balancer.lock().unwrap(), request),
+        Ok(request) => {
+            let changes = request.changes_state();
+            let mut b = balancer.lock().unwrap();
+            let response = handle(&mut b, request);
+            if changes && response.ok {
+                persist.save(&b.model);
+            }
+            response
+        }
         Err(e) => Response::error(format!("malformed request: {e}")),
     };
     let mut out = serde_json::to_string(&response)?;

@@ -5,6 +5,7 @@ pub mod aging;
 pub mod checkers;
 pub mod control;
 pub mod metrics;
+pub mod state;
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +20,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use self::{aging::Aging, checkers::Checkers, control::LoopRequest};
+use self::{aging::Aging, checkers::Checkers, control::LoopRequest, state::Persist};
 use crate::{
     api::Response,
     config::{Config, XdpModeSetting},
@@ -53,8 +54,10 @@ async fn serve(config: Config, options: Options) -> Result<()> {
             return Err(e);
         }
     };
-    let result = match start(&config, &pins, datapath, reused) {
-        Ok(balancer) => event_loop(config, options, &pins, balancer).await,
+    let config_digest = state::digest(&std::fs::read(&options.config_path).unwrap_or_default());
+    let persist = Persist::new(&config.agent.socket, config_digest);
+    let result = match start(&config, &pins, datapath, reused, &persist) {
+        Ok(balancer) => event_loop(config, options, &pins, balancer, persist).await,
         Err(e) => Err(e),
     };
     if result.is_err() && !reused {
@@ -64,9 +67,10 @@ async fn serve(config: Config, options: Options) -> Result<()> {
     result
 }
 
-/// Takes over what a previous agent left running, applies the config and
-/// attaches to the configured interfaces (and only those).
-fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool) -> Result<Balancer> {
+/// Takes over what a previous agent left running, applies the config (with
+/// the operator's changes kept from before, see `state`) and attaches to
+/// the configured interfaces (and only those).
+fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool, persist: &Persist) -> Result<Balancer> {
     if reused && datapath.max_flows() != config.agent.max_flows {
         tracing::warn!(
             running = datapath.max_flows(),
@@ -85,10 +89,13 @@ fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool) -> Resu
     datapath.set_timeouts(&config.agent.timeouts.to_wire())?;
     let mut balancer = Balancer::new(datapath);
     let adopted = if reused { balancer.adopt() } else { 0 };
-    for service in &config.services {
+    let saved = state::load(&state::path_for(&config.agent.socket)).unwrap_or_default();
+    for service in saved.services_for(config, &persist.config_digest()) {
         balancer.add_service(service).with_context(|| format!("configuring service {}", service.name))?;
     }
     balancer.finish_adoption()?;
+    saved.apply_admin(&mut balancer);
+    persist.save(&balancer.model);
     for interface in &config.agent.interfaces {
         attach(&mut balancer.datapath, interface, config.agent.xdp_mode, pins)?;
     }
@@ -117,8 +124,9 @@ fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool) -> Resu
     Ok(balancer)
 }
 
-async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Balancer) -> Result<()> {
+async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Balancer, persist: Persist) -> Result<()> {
     let balancer = Arc::new(Mutex::new(balancer));
+    let persist = Arc::new(persist);
     if let Some(address) = config.agent.metrics {
         metrics::serve(address, balancer.clone()).await?;
     }
@@ -144,18 +152,19 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = hangup.recv() => {
-                let response = reload(&balancer, &options.config_path);
+                let response = reload(&balancer, &options.config_path, &persist);
                 if !response.ok {
                     tracing::error!("reload refused: {}", response.error.unwrap_or_default());
                 }
             }
             Some(request) = loop_rx.recv() => match request {
                 LoopRequest::Reload(reply) => {
-                    let _ = reply.send(reload(&balancer, &options.config_path));
+                    let _ = reply.send(reload(&balancer, &options.config_path, &persist));
                 }
                 LoopRequest::Shutdown(reply, written) => {
                     checkers.reconcile(Vec::new(), &check_results);
                     tracing::info!("shutdown requested: detaching the XDP program and removing its pinned state");
+                    persist.remove();
                     let response = match pins.remove_all() {
                         Ok(()) => Response::ok(serde_json::Value::Null),
                         Err(e) => Response::error(format!("{e:#}")),
@@ -183,8 +192,9 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
                 if let Ok((stream, _)) = accepted {
                     let balancer = balancer.clone();
                     let loop_tx = loop_tx.clone();
+                    let persist = persist.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = control::answer(stream, balancer, loop_tx).await {
+                        if let Err(e) = control::answer(stream, balancer, loop_tx, &persist).await {
                             tracing::debug!("control connection: {e:#}");
                         }
                     });
@@ -198,6 +208,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
     drop(balancer);
     if options.detach_on_exit {
         tracing::info!("detaching the XDP program and removing its pinned state");
+        persist.remove();
         pins.remove_all()?;
     } else {
         tracing::info!(
@@ -208,8 +219,17 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
     Ok(())
 }
 
-fn reload(balancer: &Mutex<Balancer>, path: &Path) -> Response {
-    match Config::load(path).and_then(|config| balancer.lock().unwrap().reload(&config)) {
+fn reload(balancer: &Mutex<Balancer>, path: &Path, persist: &Persist) -> Response {
+    let read = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()));
+    let result = read.and_then(|text| {
+        let config = Config::parse(&text, path)?;
+        let mut b = balancer.lock().unwrap();
+        let changes = b.reload(&config)?;
+        persist.reconciled_with(state::digest(text.as_bytes()));
+        persist.save(&b.model);
+        Ok(changes)
+    });
+    match result {
         Ok(changes) => {
             if changes.is_empty() {
                 tracing::info!("config reloaded: nothing changed");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lb_tests::{
-    lab::{Lab, VIP},
+    lab::{backend_addr, Lab, VIP},
     serial,
     servers::{connect, load, request},
 };
@@ -67,4 +67,44 @@ fn without_an_agent_flows_keep_going_until_lb_shutdown() {
     assert!(!lab.pin_dir().exists(), "nothing left pinned");
     let gone = lb_tests::servers::connect(&lab.client, VIP);
     assert!(gone.is_err(), "the balancer is off: the VIP is not served");
+}
+
+#[test]
+fn what_the_operator_changed_survives_kill_9_and_a_restart() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let config = lab.config(&[1, 1], "");
+    let agent = lab.start_agent(&config);
+    let (b1, b2, b3) = (backend_addr(0).to_string(), backend_addr(1).to_string(), backend_addr(2).to_string());
+    agent.cli(&["backend", "disable", "web", &b2]).unwrap();
+    agent.cli(&["backend", "weight", "web", &b1, "5"]).unwrap();
+    agent.cli(&["backend", "add", "web", &b3]).unwrap();
+    agent.kill();
+
+    let agent = lab.start_agent(&config);
+    let backends: Vec<(String, u64, String)> = agent
+        .backends()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().into(), b["weight"].as_u64().unwrap(), b["state"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(
+        backends,
+        [(b1.clone(), 5, "up".into()), (b2, 1, "disabled".into()), (b3, 1, "up".into())],
+        "{}",
+        agent.log()
+    );
+    for _ in 0..12 {
+        assert_ne!(request(&lab.client, VIP).unwrap(), "b2", "a disabled backend stays out after a restart");
+    }
+    // An edited file wins over the CLI's changes, but the disable stays.
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(&[2, 1], "")).unwrap();
+    agent.cli(&["reload"]).unwrap();
+    let states: Vec<(u64, String)> = agent
+        .backends()
+        .iter()
+        .filter(|b| b["state"] != "removing")
+        .map(|b| (b["weight"].as_u64().unwrap(), b["state"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(states, [(2, "up".into()), (1, "disabled".into())]);
 }
