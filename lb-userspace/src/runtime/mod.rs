@@ -5,6 +5,7 @@ pub mod aging;
 pub mod checkers;
 pub mod control;
 pub mod metrics;
+mod notify;
 pub mod state;
 
 use std::{
@@ -147,6 +148,8 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
     let mut aging = Aging::new(config.agent.timeouts.to_wire());
     let (check_results, mut checked) = mpsc::channel(1024);
     let mut checkers = Checkers::default();
+    let mut notifier = notify::Notifier::from_env();
+    notifier.ready();
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
@@ -181,6 +184,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
                 }
             }
             _ = control_tick.tick() => {
+                notifier.alive();
                 let mut b = balancer.lock().unwrap();
                 if let Err(e) = b.tick() {
                     tracing::warn!("updating backend states failed: {e:#}");
@@ -203,6 +207,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
         }
     }
 
+    notifier.stopping();
     checkers.reconcile(Vec::new(), &check_results);
     let _ = std::fs::remove_file(&config.agent.socket);
     drop(balancer);

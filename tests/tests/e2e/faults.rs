@@ -8,7 +8,7 @@ use std::{
 
 use lb_tests::{
     lab::{backend_addr, lb_binary, start, VIP},
-    servers::{connect_with, request},
+    servers::{connect, connect_with},
 };
 
 /// Runs `lb agent` with `config` the way `how` says (a command prefix) and
@@ -61,11 +61,11 @@ fn a_second_agent_on_the_same_data_path_changes_nothing_and_names_the_first() {
     // The running one is as it was: its service, its backends, its data path.
     assert_eq!(agent.status()["services"], before["services"]);
     assert!(connect_with(&lab.client, vip2, Duration::from_millis(700)).is_err(), "no service on {vip2}");
-    let mut answered = std::collections::BTreeSet::new();
-    for _ in 0..8 {
-        answered.insert(request(&lab.client, VIP).unwrap());
-    }
-    assert_eq!(answered.len(), 2, "still balanced over both backends: {answered:?}");
+    // Held connections: least connections puts two on each backend.
+    let held: Vec<_> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let mut on: Vec<&str> = held.iter().map(|h| h.backend.as_str()).collect();
+    on.sort();
+    assert_eq!(on, ["b1", "b1", "b2", "b2"], "still balanced over both backends");
     assert!(!lab.dir.join("second.sock").exists());
 }
 
@@ -79,4 +79,41 @@ fn started_with_ip_netns_exec_it_says_what_to_run_instead_and_pins_nothing() {
     assert!(stderr.contains("nsenter --net=/run/netns/NAME lb agent --config FILE"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!lab.pin_dir().exists(), "nothing pinned");
+}
+
+#[test]
+fn under_systemd_it_says_ready_feeds_the_watchdog_and_says_when_it_stops() {
+    let _serial = lb_tests::serial();
+    let lab = lb_tests::lab::Lab::new(1);
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(&[1], "")).unwrap();
+    let notify = lab.dir.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.lb.name))
+        .arg(lb_binary())
+        .args(["agent", "--config"])
+        .arg(lab.dir.join("lb.toml"))
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    heard.push(next());
+    let began = Instant::now();
+    for _ in 0..3 {
+        heard.push(next());
+    }
+    assert!(began.elapsed() < Duration::from_secs(2), "three watchdog pings in {:?}", began.elapsed());
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let stopping = (0..50).map(|_| next()).find(|m| m == "STOPPING=1");
+    assert!(agent.wait().unwrap().success());
+    assert_eq!(heard, ["READY=1", "WATCHDOG=1", "WATCHDOG=1", "WATCHDOG=1"]);
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
 }
