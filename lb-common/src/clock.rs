@@ -21,6 +21,10 @@ pub struct Clock {
     /// ones after `EVICT_HALF_OPEN_NS`, others after their timeouts. So the
     /// table never stays full of dead flows, with the agent or without it.
     pub evict: Timeouts,
+    /// Entries of each CPU's ring of recently opened flows (`OPENED`): the
+    /// candidates a full table evicts first, oldest first.
+    pub opened_ring: u32,
+    pub _pad: u32,
 }
 
 /// How long a half-open flow must have been idle before a SYN that finds the
@@ -36,6 +40,8 @@ impl Clock {
             hop_ttl: ticks_per_second,
             touch_every: (ticks_per_second / 4).max(1),
             evict: Timeouts::default(),
+            opened_ring: 0,
+            _pad: 0,
         };
         let evict = Timeouts { syn: timeouts.syn.min(EVICT_HALF_OPEN_NS), closed: 0, ..*timeouts };
         clock.evict = clock.timeouts(&evict);

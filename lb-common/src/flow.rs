@@ -127,6 +127,19 @@ pub struct Flow {
     pub hop: NextHop,
 }
 
+/// Where a CPU's ring of recently opened flows is written next, and where
+/// the search for room reads next (the oldest entry it has not passed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingCursor {
+    pub write: u32,
+    pub evict: u32,
+    /// Entries written and not passed by the search yet (at most the ring's
+    /// length: a writer that laps the search takes it along).
+    pub pending: u32,
+    pub _pad: u32,
+}
+
 /// A next hop from a successful route lookup (`ifindex` 0: none yet): the
 /// egress interface, the destination and source MAC addresses, and when it
 /// was looked up (`Clock` ticks).

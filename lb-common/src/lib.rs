@@ -31,7 +31,7 @@ mod pod {
     }
     pod!(
         ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts,
-        ExpireRequest, Clock, NextHop, BackendHop
+        ExpireRequest, Clock, NextHop, BackendHop, RingCursor
     );
 }
 
@@ -52,7 +52,7 @@ mod tests {
         assert_eq!(size_of::<BackendHop>(), 32);
         assert_eq!(size_of::<Timeouts>(), 32);
         assert_eq!(size_of::<ExpireRequest>(), 16 + 32 + 16 + 16 + 12 * EXPIRE_BATCH);
-        assert_eq!(size_of::<Clock>(), 24 + 32);
+        assert_eq!(size_of::<Clock>(), 24 + 32 + 8);
         assert_eq!(size_of::<Counters>(), 8 * COUNTER_COUNT);
     }
 }

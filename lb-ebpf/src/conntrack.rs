@@ -30,11 +30,8 @@
 //! count established ones. Every change of state is atomic (fetch-or,
 //! compare-and-swap), so exactly one CPU or expire call sees a flow become
 //! established, or become closed, and only that one moves its count.
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_for_each_map_elem,
     programs::XdpContext,
 };
 use lb_common::{
@@ -47,7 +44,7 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{ACTIVE, CLOCK, FLOWS, SERVICES},
+    maps::{ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, SERVICES},
     nat::csum_diffs,
     parse::{window_scale, TcpPacket},
     schedule, stats,
@@ -224,7 +221,7 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
         // Exact: what the receiver expects next, or (its acknowledgment may
         // lag what it has received) what the sender has sent up to.
         if seq == own.seq_next || (acked && seq == peer.acked) {
-            mark(forward, FLOW_RESET);
+            close(key, own, forward, FLOW_RESET);
             return None;
         }
         if acked && seq.wrapping_sub(peer.acked) < peer.window.max(1) {
@@ -238,8 +235,18 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
     if !acked || (offset >= slack && offset.wrapping_neg() > slack) {
         return Some(Counter::FinOutOfWindow);
     }
-    mark(forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
+    close(key, own, forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
     None
+}
+
+/// Marks a flow with a closing bit, seen in a packet of `own`'s direction;
+/// a flow this closes goes back into the ring of candidates for room, the
+/// first a full table takes.
+#[inline(always)]
+fn close(key: &FlowKey, own: &Flow, forward: *mut Flow, bit: u32) {
+    if mark(forward, bit) {
+        remember(&if own.direction == DIR_FORWARD { *key } else { key.forward(own) });
+    }
 }
 
 /// The backend's first answer to the client's SYN: a SYN-ACK, or an RST
@@ -262,7 +269,7 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
         if schedule::choose(reply.service as u32, reply.slot as u32).is_some() {
             return Tracked::RefusalSwallowed;
         }
-        mark(forward, FLOW_RESET);
+        close(key, reply, forward, FLOW_RESET);
         return Tracked::Forward;
     }
     if pkt.flags & TCP_SYN == 0 || !acks_syn {
@@ -506,6 +513,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         }
     }
     assign(service, choice.slot);
+    remember(key);
     let mut inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
     if inserted.is_err() && make_room(now) {
         inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
@@ -520,60 +528,83 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     Opened::Flow(forward)
 }
 
-/// Entries one search for room looks at, at most: a few nanoseconds each,
-/// paid only by SYNs that find the table full.
-const ROOM_SEARCH: u32 = 1024;
+/// Ring entries one search for room looks at, at most.
+const ROOM_TRIES: u32 = 16;
 
-#[repr(C)]
-struct RoomSearch {
-    evict: *const Timeouts,
-    now: u64,
-    seen: u32,
-    found: u32,
-    victim: FlowKey,
+/// Writes a flow just opened into this CPU's ring of recent openings.
+#[inline(always)]
+fn remember(key: &FlowKey) {
+    let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
+        return;
+    };
+    let ring = clock.opened_ring;
+    let c = unsafe { &mut *cursor };
+    if ring == 0 || c.write >= ring {
+        return;
+    }
+    if let Some(slot) = OPENED.get_ptr_mut(c.write) {
+        unsafe { *slot = *key };
+    }
+    c.write = if c.write + 1 >= ring { 0 } else { c.write + 1 };
+    if c.pending >= ring {
+        // Lapped: the oldest entry now is the one after this.
+        c.evict = c.write;
+    } else {
+        c.pending += 1;
+    }
 }
 
-/// Makes room in a full table for a new flow: removes the first flow found
-/// that is dead — closed, or idle past its state's eviction timeout
-/// (`Clock::evict`: half-open flows after a second) — through `expire`, so
-/// its count comes down exactly once and a packet arriving meanwhile keeps
-/// it. Under a SYN flood the flood's own half-open flows make room for
-/// real clients; with no agent running, closed and idle flows do.
-/// Established flows in use never go.
+/// Makes room in a full table for a new flow, from the flows this CPU
+/// opened, oldest first: the first that is dead — closed, or idle past its
+/// state's eviction timeout (`Clock::evict`: half-open flows after a
+/// second) — goes, through `expire`, so its count comes down exactly once
+/// and a packet arriving meanwhile keeps it. Flows already gone, and
+/// established ones in use, are passed for good; a half-open flow still
+/// young ends the search, since every later one is younger. Under a SYN
+/// flood the flood's own oldest flows make room for real clients; with no
+/// agent running, closed flows do. O(1): at most `ROOM_TRIES` entries.
 #[inline(always)]
 fn make_room(now: u64) -> bool {
-    let Some(clock) = CLOCK.get(0) else {
+    let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
         return false;
     };
-    let mut search = RoomSearch { evict: &clock.evict, now, seen: 0, found: 0, victim: FlowKey::default() };
-    unsafe {
-        bpf_for_each_map_elem(
-            &FLOWS as *const _ as *mut c_void,
-            room_step as *mut c_void,
-            &mut search as *mut RoomSearch as *mut c_void,
-            0,
-        )
-    };
-    let freed = search.found != 0 && expire(&search.victim, &clock.evict, now);
+    let ring = clock.opened_ring;
+    let c = unsafe { &mut *cursor };
+    let mut victim = None;
+    for _ in 0..ROOM_TRIES {
+        if c.pending == 0 || c.evict >= ring {
+            break;
+        }
+        let Some(key) = OPENED.get(c.evict).copied() else { break };
+        let dead = match unsafe { FLOWS.get(&key) } {
+            Some(flow) if flow.direction == DIR_FORWARD => {
+                let idle = now.saturating_sub(flow.last_seen);
+                if idle >= flow_timeout(&clock.evict, flow.state) {
+                    true
+                } else if flow.state & FLOW_ESTABLISHED == 0 && !flow_closed(flow.state) {
+                    break; // young and half-open: so are all after it
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        if dead {
+            victim = Some(key);
+            break;
+        }
+        c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
+        c.pending -= 1;
+    }
+    let Some(key) = victim else { return false };
+    // Passed whether or not it goes: a packet that kept it proved it alive.
+    c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
+    c.pending -= 1;
+    let freed = expire(&key, &clock.evict, now);
     if freed {
         stats::count(Counter::Evicted);
     }
     freed
-}
-
-/// One entry of the search: a forward entry idle past its state's eviction
-/// timeout is the victim. Returns 1 to stop.
-#[inline(never)]
-extern "C" fn room_step(_map: *mut c_void, key: *const FlowKey, flow: *const Flow, ctx: *mut c_void) -> i64 {
-    let search = unsafe { &mut *(ctx as *mut RoomSearch) };
-    search.seen += 1;
-    let (direction, state, last_seen) = unsafe { ((*flow).direction, (*flow).state, (*flow).last_seen) };
-    if direction == DIR_FORWARD && search.now.saturating_sub(last_seen) >= flow_timeout(unsafe { &*search.evict }, state) {
-        search.victim = unsafe { *key };
-        search.found = 1;
-        return 1;
-    }
-    (search.seen >= ROOM_SEARCH) as i64
 }
 
 /// Closes a live flow at the agent's request (its backend died and the

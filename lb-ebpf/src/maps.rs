@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendHop, BackendSet, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
+    ActiveCounts, BackendHop, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 
@@ -32,6 +32,14 @@ pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
+
+/// Each CPU's ring of the flows it opened last (its own per-CPU value at
+/// each index), and its cursors: a full table makes room from the oldest.
+/// The agent sizes the ring at load (`Clock::opened_ring`).
+#[map]
+pub static OPENED: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+#[map]
+pub static OPENED_CURSOR: PerCpuArray<RingCursor> = PerCpuArray::with_max_entries(1, 0);
 
 /// Written by the agent when it loads the program.
 #[map]

@@ -43,6 +43,8 @@ pub struct Datapath {
     max_flows: u32,
     max_services: u32,
     clock: Clock,
+    /// Entries of each CPU's ring of recently opened flows.
+    opened_ring: u32,
 }
 
 /// The maps that are pinned: the state a new agent takes over. CLOCK (written
@@ -87,6 +89,11 @@ impl Datapath {
         for name in ["BACKEND_STATS", "BACKEND_HOPS"] {
             loader.map_max_entries(name, max_services * MAX_BACKENDS);
         }
+        // Each CPU remembers about twice its share of the table's openings:
+        // under a flood the oldest are a second or more old when it fills.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
+        let opened_ring = (max_flows.saturating_mul(2) / cpus.max(1)).clamp(4096, max_flows.max(4096));
+        loader.map_max_entries("OPENED", opened_ring);
         let mut reused = false;
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(p) => MAP_NAMES.iter().map(|name| (*name, p.maps().join(name))).collect(),
@@ -128,6 +135,7 @@ impl Datapath {
             max_flows,
             max_services,
             clock: Clock::default(),
+            opened_ring,
             ebpf,
         };
         datapath.set_clock()?;
@@ -211,7 +219,8 @@ impl Datapath {
         self.write_clock(Clock::new(self.clock.ticks_per_second, timeouts))
     }
 
-    fn write_clock(&mut self, clock: Clock) -> Result<()> {
+    fn write_clock(&mut self, mut clock: Clock) -> Result<()> {
+        clock.opened_ring = self.opened_ring;
         let mut map: Array<&mut MapData, Clock> =
             Array::try_from(self.ebpf.map_mut("CLOCK").context("map CLOCK missing from the object")?)?;
         map.set(0, clock, 0)?;

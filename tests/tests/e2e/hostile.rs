@@ -110,10 +110,18 @@ fn a_spoofed_syn_flood_keeps_no_real_client_out_and_leaves_nothing_behind() {
     assert_eq!(connections(agent).0, 4, "half-open flood flows are no active connections");
     assert!(connected >= attempts - 1, "real clients got in during the flood: {connected}/{attempts}");
 
-    // Within the half-open timeout (and a scan) after it: back to normal.
+    // Within the half-open timeout (and a scan) after it: back to normal —
+    // the held connections, and the real clients' closed flows, kept
+    // briefly for their trailing segments.
     agent.wait_for("the flood's flows gone", Duration::from_secs(8), |s| {
-        s["flow_table"]["flows"].as_u64() == Some(4) && s["services"][0]["half_open_connections"] == 0
+        s["flow_table"]["flows"].as_u64().is_some_and(|n| n <= 4 + attempts as u64)
+            && s["services"][0]["half_open_connections"] == 0
     });
+    let after = agent.status();
+    eprintln!(
+        "after the flood: table_full {}, evicted_for_room {}",
+        after["counters"]["table_full"], after["counters"]["evicted_for_room"]
+    );
     assert_eq!(connections(agent), (4, 0));
     for h in &held {
         assert_eq!(h.round_trip(b"untouched").unwrap(), b"untouched");

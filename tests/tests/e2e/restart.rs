@@ -108,3 +108,25 @@ fn what_the_operator_changed_survives_kill_9_and_a_restart() {
         .collect();
     assert_eq!(states, [(2, "up".into()), (1, "disabled".into())]);
 }
+
+#[test]
+fn with_the_agent_dead_closed_flows_make_room_and_connections_keep_working() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    let _servers = lab.start_servers();
+    // Room for 256 flows; nothing ages them while the agent is dead.
+    let config = lab.config(&[1, 1], "max_flows = 256");
+    let agent = lab.start_agent(&config);
+    let held = connect(&lab.client, VIP).unwrap();
+    agent.kill();
+    for i in 0..1000 {
+        request(&lab.client, VIP).unwrap_or_else(|e| panic!("connection {i} with no agent: {e}"));
+    }
+    assert_eq!(held.round_trip(b"kept").unwrap(), b"kept", "an established flow never makes room");
+    let agent = lab.start_agent(&config);
+    let status = agent.status();
+    assert!(status["counters"]["evicted_for_room"].as_u64().unwrap() >= 700, "{}", status["counters"]);
+    assert!(status["flow_table"]["flows"].as_u64().unwrap() <= 256);
+    assert!(agent.log().contains("connection counts match the live flows"), "{}", agent.log());
+    assert_eq!(status["services"][0]["active_connections"], 1, "the held connection, and only it");
+}
