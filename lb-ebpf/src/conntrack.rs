@@ -24,6 +24,9 @@
 //!   and the client's ACK the SYN-ACK. Anything else on those ports — a
 //!   stray segment of an earlier connection, a forged answer — is dropped.
 //!
+//! A SYN that finds the table full makes room from this CPU's ring of
+//! recent openings, oldest first (`make_room`).
+//!
 //! A half-open flow counts in the high half of its slot's count, an
 //! established one in the low half (`HALF_OPEN_ONE`): least connections
 //! weighs half-open ones lightly, and `max_conns`, drains and the status
