@@ -94,8 +94,6 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
     // Most packets: data or an ACK on an established flow.
     if flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && settled(own) {
         if !plausible(own, pkt) {
-            // Nothing is learned from it, so it cannot move the windows that
-            // judge this connection's RSTs and FINs.
             return Tracked::Drop(Counter::OutOfState);
         }
         learn(own, pkt, now);
@@ -140,8 +138,6 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         return Tracked::Forward;
     }
     if flags & TCP_RST == 0 && !plausible(own, pkt) {
-        // Nothing is learned from it, so it cannot move the windows that
-        // judge this connection's RSTs and FINs.
         return Tracked::Drop(Counter::OutOfState);
     }
     if flags & (TCP_RST | TCP_FIN) != 0 {
@@ -154,7 +150,9 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
 }
 
 /// Whether a segment's numbers are near enough to what its sender has sent
-/// and acknowledged to be this connection's.
+/// and acknowledged to be this connection's. One that is not is dropped and
+/// nothing is learned from it, so a stray cannot move the windows that
+/// judge this connection's RSTs and FINs.
 #[inline(always)]
 fn plausible(own: &Flow, pkt: &TcpPacket) -> bool {
     let near = |a: u32, b: u32| a.wrapping_sub(b).wrapping_add(PLAUSIBLE) < 2 * PLAUSIBLE;

@@ -10,6 +10,12 @@
 //! - `runtime`: the agent's event loop, control server, aging, health
 //!   checks and metrics.
 //! - `cli`: the command line, which speaks only `api`.
+/// This build's version, as `lb --version` and the agent's log say it.
+#[cfg(not(feature = "next-build"))]
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+#[cfg(feature = "next-build")]
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+next");
+
 pub mod api;
 pub mod cli;
 pub mod client;

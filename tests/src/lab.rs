@@ -138,6 +138,11 @@ impl Lab {
     /// Starts `lb agent` inside the balancer's namespace and waits until it
     /// answers on its socket.
     pub fn start_agent(&self, config: &str) -> Agent {
+        self.start_agent_from(&lb_binary(), config)
+    }
+
+    /// The same with the `lb` binary at `binary` (another build).
+    pub fn start_agent_from(&self, binary: &std::path::Path, config: &str) -> Agent {
         let path = self.dir.join("lb.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).unwrap();
@@ -145,7 +150,7 @@ impl Lab {
         // host's BPF filesystem where the agent pins its state.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.lb.name))
-            .arg(lb_binary())
+            .arg(binary)
             .args(["agent", "--config"])
             .arg(&path)
             .env("LB_LOG", "info")
@@ -198,6 +203,14 @@ pub fn lb_binary() -> PathBuf {
     }
     let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb");
     assert!(bin.exists(), "{} is missing: run `cargo xtask build` (or `cargo xtask test`)", bin.display());
+    bin
+}
+
+/// The same code built as another version (`--features next-build`, built
+/// by `cargo xtask build`): the upgrade test's second build.
+pub fn lb_next_binary() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/next/release/lb");
+    assert!(bin.exists(), "{} is missing: run `cargo xtask build`", bin.display());
     bin
 }
 

@@ -1,11 +1,8 @@
 //! Crafted Ethernet/IPv4/TCP frames, and checksums recomputed from scratch.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-pub const FIN: u8 = 0x01;
-pub const SYN: u8 = 0x02;
-pub const RST: u8 = 0x04;
-pub const PSH: u8 = 0x08;
-pub const ACK: u8 = 0x10;
+/// TCP flags, as the data path names them.
+pub use lb_common::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as RST, TCP_SYN as SYN};
 
 /// The initial sequence numbers the crafted handshakes use: the client's,
 /// and the backend's.

@@ -45,7 +45,7 @@ enum Task {
 
 /// Debian packages the lab and tests use.
 const PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping"), ("hping3", "hping3")];
+    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping"), ("hping3", "hping3"), ("bpftool", "bpftool")];
 /// What the end-to-end benchmark compares against, and its load generator
 /// (checked by a file each installs).
 const BENCH_PACKAGES: &[(&str, &str)] = &[
@@ -54,7 +54,6 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/haproxy", "haproxy"),
     ("/usr/bin/wrk", "wrk"),
     ("/usr/sbin/nft", "nftables"),
-    ("/usr/sbin/bpftool", "bpftool"),
     ("/usr/bin/iperf3", "iperf3"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -168,6 +167,10 @@ fn cargo() -> Command {
 fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
     eprintln!("built target/release/lb");
+    // Another build of the same code, calling itself another version: the
+    // upgrade test hands a running data path from one build to the other.
+    run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "lb", "--features", "next-build"])
+        .args(["--target-dir", "target/next"]))?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "An XDP least-connection TCP load balancer")]
+#[command(name = "lb", version = crate::VERSION, about = "An XDP least-connection TCP load balancer")]
 pub struct Cli {
     /// The running agent's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]

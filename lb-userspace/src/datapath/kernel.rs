@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -47,9 +47,48 @@ pub struct Datapath {
     opened_ring: u32,
 }
 
-/// The maps that are pinned: the state a new agent takes over. CLOCK (written
-/// at every load) and BACKEND_HOPS (a cache) start afresh with each program.
-const MAP_NAMES: [&str; 6] = ["SERVICES", "BACKENDS", "ACTIVE", "FLOWS", "COUNTERS", "BACKEND_STATS"];
+/// The maps that are pinned — the state a new agent takes over — with the
+/// type and the key and value sizes this build reads them with. CLOCK
+/// (written at every load), BACKEND_HOPS (a cache) and the ring of recent
+/// openings start afresh with each program.
+fn pinned_layout() -> [(&'static str, MapType, usize, usize); 6] {
+    use std::mem::size_of;
+    [
+        ("SERVICES", MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>()),
+        ("BACKENDS", MapType::Array, size_of::<u32>(), size_of::<BackendSet>()),
+        ("ACTIVE", MapType::Array, size_of::<u32>(), size_of::<ActiveCounts>()),
+        ("FLOWS", MapType::Hash, size_of::<FlowKey>(), size_of::<Flow>()),
+        ("COUNTERS", MapType::PerCpuArray, size_of::<u32>(), size_of::<Counters>()),
+        ("BACKEND_STATS", MapType::PerCpuArray, size_of::<u32>(), size_of::<BackendStats>()),
+    ]
+}
+
+/// Checks that the maps pinned at `paths` are what this build expects. One
+/// that is not was made by a build with another layout whose version was
+/// not bumped: reading it would misread every entry, so nothing is taken
+/// over and the agent says what to do.
+fn check_pinned_layout(paths: &[(&str, PathBuf)]) -> Result<()> {
+    for ((name, path), (_, map_type, key, value)) in paths.iter().zip(pinned_layout()) {
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(path).with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let found = (info.map_type()?, info.key_size() as usize, info.value_size() as usize);
+        if found != (map_type, key, value) {
+            bail!(
+                "the pinned map {} is a {:?} of {}-byte keys and {}-byte values, but this build reads {name} as a \
+                 {map_type:?} of {key}-byte keys and {value}-byte values: it was made by a build with another \
+                 layout. Nothing was taken over or changed. Take the running data path off with `lb shutdown` \
+                 (its connections are dropped) or give this agent another agent.pin_dir",
+                path.display(),
+                found.0,
+                found.1,
+                found.2
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
@@ -96,9 +135,10 @@ impl Datapath {
         loader.map_max_entries("OPENED", opened_ring);
         let mut reused = false;
         let paths: Vec<(&str, PathBuf)> = match pins {
-            Some(p) => MAP_NAMES.iter().map(|name| (*name, p.maps().join(name))).collect(),
+            Some(p) => pinned_layout().iter().map(|(name, ..)| (*name, p.maps().join(name))).collect(),
             None => Vec::new(),
         };
+        check_pinned_layout(&paths)?;
         for (name, path) in &paths {
             reused |= path.exists();
             loader.map_pin_path(name, path.as_path());

@@ -44,7 +44,12 @@ impl Pins {
     }
 
     pub(super) fn maps(&self) -> PathBuf {
-        self.dir.join(format!("maps-v{LAYOUT_VERSION}"))
+        Self::maps_under(&self.dir)
+    }
+
+    /// Where this build pins its maps under the pin directory `dir`.
+    pub fn maps_under(dir: &Path) -> PathBuf {
+        dir.join(format!("maps-v{LAYOUT_VERSION}"))
     }
 
     pub(super) fn link(&self, interface: &str) -> PathBuf {

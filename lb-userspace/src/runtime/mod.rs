@@ -71,7 +71,7 @@ async fn serve(config: Config, options: Options) -> Result<()> {
 /// Takes over what a previous agent left running, applies the config (with
 /// the operator's changes kept from before, see `state`) and attaches to
 /// the configured interfaces (and only those).
-fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool, persist: &Persist) -> Result<Balancer> {
+fn start(config: &Config, pins: &Pins, mut datapath: Datapath, reused: bool, persist: &Persist) -> Result<Balancer> {
     if reused && datapath.max_flows() != config.agent.max_flows {
         tracing::warn!(
             running = datapath.max_flows(),
@@ -86,7 +86,6 @@ fn start(config: &Config, pins: &Pins, datapath: Datapath, reused: bool, persist
             "the running data path keeps its room for services; `lb shutdown` and start again to change it"
         );
     }
-    let mut datapath = datapath;
     datapath.set_timeouts(&config.agent.timeouts.to_wire())?;
     let mut balancer = Balancer::new(datapath);
     let adopted = if reused { balancer.adopt() } else { 0 };
@@ -133,6 +132,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
     }
     let listener = control::bind(&config.agent.socket)?;
     tracing::info!(
+        version = crate::VERSION,
         interfaces = ?config.agent.interfaces,
         services = config.services.len(),
         socket = %config.agent.socket.display(),

@@ -324,3 +324,56 @@ fn slow_start_ramps_a_new_backend_instead_of_flooding_it() {
         h.close().unwrap();
     }
 }
+
+/// Kills backend `i`, makes connections until the balancer has seen it
+/// refuse one (a passive failure), and starts it again.
+fn refuse_once(lab: &Lab, servers: &mut [lb_tests::servers::EchoProcess], agent: &Agent, i: usize) {
+    servers[i].kill();
+    let refused = |agent: &Agent| agent.backends()[i]["refused"].as_u64().unwrap();
+    let before = refused(agent);
+    for _ in 0..40 {
+        let _ = quick(lab);
+        if refused(agent) > before {
+            break;
+        }
+    }
+    assert!(refused(agent) > before, "backend {i} refused a connection");
+    servers[i] = lab.start_process(i);
+}
+
+#[test]
+fn a_passing_check_ends_a_passive_hold_at_once() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    let mut servers = lab.start_processes();
+    let http = "[service.health]\ntype = \"http\"\nport = 81\npath = \"/health\"\n";
+    let agent = lab.start_agent(&lab.config_full(&["weight = 1"; 2], "", http));
+    refuse_once(&lab, &mut servers, &agent, 1);
+    let back = Instant::now();
+    wait_state(&agent, 1, "up");
+    assert!(back.elapsed() < Duration::from_secs(4), "up {:?} after it came back, not after the 10 s hold", back.elapsed());
+}
+
+#[test]
+fn refusals_from_before_a_restart_are_not_counted_again() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    let mut servers = lab.start_processes();
+    // Passive checks only, holding a backend out for 3 s.
+    let config = lab.config_full(&["fail_timeout = 3"; 2], "", "");
+    let agent = lab.start_agent(&config);
+    for i in 0..2 {
+        refuse_once(&lab, &mut servers, &agent, i);
+    }
+    wait_state(&agent, 0, "up");
+    wait_state(&agent, 1, "up");
+    agent.kill();
+    let agent = lab.start_agent(&config);
+    // A few control ticks: a new agent that counted the old refusals
+    // again would hold both out now.
+    std::thread::sleep(Duration::from_millis(500));
+    let states: Vec<String> = agent.backends().iter().map(|b| b["state"].as_str().unwrap().to_string()).collect();
+    assert_eq!(states, ["up", "up"], "{}", agent.log());
+    assert_takes_new_flows(&lab, "b1", "after the restart");
+    assert_takes_new_flows(&lab, "b2", "after the restart");
+}

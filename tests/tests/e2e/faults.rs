@@ -117,3 +117,27 @@ fn under_systemd_it_says_ready_feeds_the_watchdog_and_says_when_it_stops() {
     assert_eq!(heard, ["READY=1", "WATCHDOG=1", "WATCHDOG=1", "WATCHDOG=1"]);
     assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_left_alone_and_named() {
+    let _serial = lb_tests::serial();
+    let lab = lb_tests::lab::Lab::new(1);
+    // FLOWS as a build with 56-byte flow entries would have pinned it.
+    let maps = lb::datapath::Pins::maps_under(&lab.pin_dir());
+    std::fs::create_dir_all(&maps).unwrap();
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("FLOWS"))
+        .args(["type", "hash", "key", "12", "value", "56", "entries", "64", "name", "FLOWS"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "bpftool map create");
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(&[1], "")).unwrap();
+    let netns = format!("--net=/run/netns/{}", lab.lb.name);
+    let (ok, stderr) = run_agent(&["nsenter", &netns], &lab.dir.join("lb.toml"));
+    assert!(!ok);
+    assert!(stderr.contains("56-byte values") && stderr.contains("64-byte values"), "{stderr}");
+    assert!(stderr.contains("Nothing was taken over or changed"), "{stderr}");
+    assert!(maps.join("FLOWS").exists(), "the pinned map is left as it was");
+    assert!(!lab.pin_dir().join("links").join("cli").exists(), "nothing attached");
+}

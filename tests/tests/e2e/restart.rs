@@ -130,3 +130,28 @@ fn with_the_agent_dead_closed_flows_make_room_and_connections_keep_working() {
     assert!(agent.log().contains("connection counts match the live flows"), "{}", agent.log());
     assert_eq!(status["services"][0]["active_connections"], 1, "the held connection, and only it");
 }
+
+#[test]
+fn another_build_takes_over_the_running_data_path_without_losing_a_connection() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    let _servers = lab.start_servers();
+    let config = lab.config(&[1, 1, 1], "");
+    let agent = lab.start_agent(&config);
+    let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    assert!(!agent.log().contains("+next"));
+    agent.kill();
+
+    // The log is shared by both agents: "+next" is the second build's.
+    let agent = lab.start_agent_from(&lb_tests::lab::lb_next_binary(), &config);
+    assert!(agent.log().contains("+next") && agent.log().contains("took over the running data path"), "{}", agent.log());
+    assert!(agent.log().contains("connection counts match the live flows"), "{}", agent.log());
+    for h in &held {
+        assert_eq!(h.round_trip(b"after the upgrade").unwrap(), b"after the upgrade", "held on {}", h.backend);
+    }
+    assert_eq!(agent.status()["services"][0]["active_connections"], 6);
+    for h in &held {
+        h.close().unwrap();
+    }
+    agent.wait_for("every count at 0", Duration::from_secs(5), |s| s["services"][0]["active_connections"] == 0);
+}
