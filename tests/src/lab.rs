@@ -40,11 +40,18 @@ pub struct Lab {
 
 impl Lab {
     pub fn new(backends: usize) -> Self {
+        Self::with_queues(backends, 1)
+    }
+
+    /// The same with every veth given `queues` transmit and receive queues,
+    /// as a NIC with RSS has: XDP then runs in that many NAPI contexts.
+    pub fn with_queues(backends: usize, queues: u32) -> Self {
+        let q = if queues > 1 { format!(" numtxqueues {queues} numrxqueues {queues}") } else { String::new() };
         let client = Netns::new("client");
         let lb = Netns::new("lb");
         let switch = Netns::new("switch");
-        sh(&format!("ip link add eth0 netns {} type veth peer cli netns {}", client.name, lb.name));
-        sh(&format!("ip link add srv netns {} type veth peer uplink netns {}", lb.name, switch.name));
+        sh(&format!("ip link add eth0 netns {}{q} type veth peer cli netns {}{q}", client.name, lb.name));
+        sh(&format!("ip link add srv netns {}{q} type veth peer uplink netns {}{q}", lb.name, switch.name));
         switch.exec("ip link add br0 type bridge && ip link set br0 up && ip link set uplink master br0 && ip link set uplink up");
         client.exec(&format!(
             "ip addr add {CLIENT}/24 dev eth0 && ip link set eth0 up && ip route add default via {LB_CLIENT_SIDE}"
@@ -58,7 +65,7 @@ impl Lab {
         for i in 0..backends {
             let ns = Netns::new(&format!("b{}", i + 1));
             let port = format!("p{}", i + 1);
-            sh(&format!("ip link add eth0 netns {} type veth peer {port} netns {}", ns.name, switch.name));
+            sh(&format!("ip link add eth0 netns {}{q} type veth peer {port} netns {}{q}", ns.name, switch.name));
             switch.exec(&format!("ip link set {port} master br0 && ip link set {port} up"));
             ns.exec(&format!(
                 "ip addr add {}/24 dev eth0 && ip link set eth0 up && ip route add default via {LB_SERVER_SIDE}",

@@ -34,12 +34,23 @@ enum Task {
         #[arg(default_value = "balance")]
         which: String,
     },
+    /// Everything the end-to-end comparison needs on a machine with no
+    /// internet and none of nginx, wrk or nftables, in one folder (default
+    /// `target/many-core`) with `run.sh` to run it there as root.
+    Bundle {
+        #[arg(default_value = "target/many-core")]
+        dir: std::path::PathBuf,
+    },
     /// Benchmarks: `micro` (the program's cost per packet), `e2e` (five
     /// ways of balancing the same lab), or `all` (both, written to
     /// BENCHMARKS.md and docs/e2e.svg).
     Bench {
         #[arg(default_value = "all")]
         which: String,
+        /// For the end-to-end part: `--queues N`, `--cpus
+        /// wrk=0-3,balancer=4-7,backends=8-15`, `--rounds N`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        options: Vec<String>,
     },
 }
 
@@ -75,13 +86,19 @@ fn main() -> Result<()> {
             build()?;
             run(Command::new("target/release/lb-demo").arg(which))
         }
-        Task::Bench { which } => {
+        Task::Bundle { dir } => {
+            setup()?;
+            install_missing(BENCH_PACKAGES)?;
+            build()?;
+            bundle(&dir)
+        }
+        Task::Bench { which, options } => {
             setup()?;
             if which != "micro" {
                 install_missing(BENCH_PACKAGES)?;
             }
             build()?;
-            run(Command::new("target/release/lb-bench").arg(which))
+            run(Command::new("target/release/lb-bench").arg(which).args(options))
         }
     }
 }
@@ -211,4 +228,69 @@ fn count_before(line: &str, word: &str) -> u64 {
         .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word.trim()))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Programs the comparison runs, bundled with the shared libraries they use.
+const BUNDLED_TOOLS: &[&str] =
+    &["nginx", "haproxy", "wrk", "iperf3", "ip", "nft", "ethtool", "nsenter", "taskset", "sysctl"];
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+/// glibc's own libraries: the machine's are used, never a copy.
+const SYSTEM_LIBRARIES: &[&str] = &["libc.so", "ld-linux", "libm.so", "libpthread.so", "libdl.so", "librt.so", "linux-vdso"];
+
+const RUN_SCRIPT: &str = r#"#!/bin/sh
+# The end-to-end comparison (lb, nginx stream, HAProxy, nftables dnat, plain
+# forwarding) on this machine, from this folder, as root. Options go to
+# `lb-bench e2e`; without any: 8 queues per veth, wrk on CPUs 0-3, the
+# balancer host's proxies on 4-7, the backends on 8-15, one round.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+export PATH="$here/bin:$PATH" LD_LIBRARY_PATH="$here/lib" LB_BIN="$here/bin/lb"
+mkdir -p /var/lib/nginx /var/log/nginx /usr/lib/nginx/modules /run/netns
+cp "$here/modules/ngx_stream_module.so" /usr/lib/nginx/modules/
+mount | grep -q "type bpf" || mount -t bpf bpf /sys/fs/bpf
+[ $# -gt 0 ] || set -- --queues 8 --cpus wrk=0-3,balancer=4-7,backends=8-15 --rounds 1
+cd "$here"
+exec lb-bench e2e "$@"
+"#;
+
+/// Fills `dir` with what `run.sh` needs on a bare machine.
+fn bundle(dir: &std::path::Path) -> Result<()> {
+    let (bin, lib, modules) = (dir.join("bin"), dir.join("lib"), dir.join("modules"));
+    for d in [&bin, &lib, &modules] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut files: Vec<(std::path::PathBuf, std::path::PathBuf)> = vec![
+        ("target/release/lb".into(), bin.join("lb")),
+        ("target/release/lb-bench".into(), bin.join("lb-bench")),
+        (STREAM_MODULE.into(), modules.join("ngx_stream_module.so")),
+    ];
+    for tool in BUNDLED_TOOLS {
+        let path = output(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+        let path = path.trim();
+        if path.is_empty() {
+            bail!("{tool} is not installed here; `cargo xtask bench e2e` installs what the comparison uses");
+        }
+        files.push((path.into(), bin.join(tool)));
+    }
+    let mut libraries = std::collections::BTreeSet::new();
+    for (from, _) in &files {
+        for line in output(Command::new("ldd").arg(from)).lines() {
+            let Some(path) = line.split("=>").nth(1).and_then(|rest| rest.split_whitespace().next()) else { continue };
+            if path.starts_with('/') && !SYSTEM_LIBRARIES.iter().any(|s| path.contains(s)) {
+                libraries.insert(std::path::PathBuf::from(path));
+            }
+        }
+    }
+    for library in libraries {
+        let name = library.file_name().context("a library path")?.to_owned();
+        files.push((library, lib.join(name)));
+    }
+    for (from, to) in &files {
+        std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    let script = dir.join("run.sh");
+    std::fs::write(&script, RUN_SCRIPT)?;
+    run(Command::new("chmod").arg("755").arg(&script))?;
+    eprintln!("bundled {} files in {}; run `{}` there as root", files.len() + 1, dir.display(), script.display());
+    Ok(())
 }

@@ -15,10 +15,103 @@ use crate::targets::Check;
 const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
 const MAIN_CONCURRENCY: u32 = 64;
-/// The main measurements run this many times, the five ways in turn each
-/// round, and are reported as medians: one run of a way on these shared
-/// machines moves by 15 % or more.
+/// The main measurements run this many times by default (`--rounds`), the
+/// five ways in turn each round, and are reported as medians: one run of a
+/// way on these shared machines moves by 15 % or more.
 const ROUNDS: usize = 3;
+
+/// How the lab is laid out on the machine: `lb-bench e2e [--queues N]
+/// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--rounds N]`. Queues give
+/// every veth that many queues (a NIC with RSS); the CPU sets pin wrk (one
+/// thread per CPU), the proxies on the balancer host (one worker per CPU)
+/// and the backends' nginx with `taskset`.
+pub struct Setup {
+    pub queues: u32,
+    pub wrk_cpus: Option<String>,
+    pub balancer_cpus: Option<String>,
+    pub backend_cpus: Option<String>,
+    pub rounds: usize,
+}
+
+impl Setup {
+    pub fn from_args(args: &[String]) -> Result<Self, String> {
+        let mut setup = Setup { queues: 1, wrk_cpus: None, balancer_cpus: None, backend_cpus: None, rounds: ROUNDS };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().cloned().ok_or(format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--queues" => setup.queues = value()?.parse().map_err(|e| format!("--queues: {e}"))?,
+                "--rounds" => setup.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+                "--cpus" => {
+                    for part in value()?.split(',') {
+                        let (who, cpus) = part.split_once('=').ok_or(format!("--cpus: {part:?} is not WHO=CPUS"))?;
+                        cpu_count(cpus)?;
+                        let slot = match who {
+                            "wrk" => &mut setup.wrk_cpus,
+                            "balancer" => &mut setup.balancer_cpus,
+                            "backends" => &mut setup.backend_cpus,
+                            _ => return Err(format!("--cpus: {who:?} is not wrk, balancer or backends")),
+                        };
+                        *slot = Some(cpus.to_string());
+                    }
+                }
+                _ => return Err(format!("unknown option {arg:?}")),
+            }
+        }
+        if setup.queues == 0 || setup.rounds == 0 {
+            return Err("--queues and --rounds must be at least 1".into());
+        }
+        Ok(setup)
+    }
+
+    /// wrk's threads: one per CPU it is pinned to, else two.
+    fn wrk_threads(&self) -> usize {
+        self.wrk_cpus.as_deref().map_or(2, |c| cpu_count(c).unwrap_or(2))
+    }
+
+    /// The proxies' workers: one per balancer CPU, else two.
+    fn balancer_workers(&self) -> usize {
+        self.balancer_cpus.as_deref().map_or(2, |c| cpu_count(c).unwrap_or(2))
+    }
+
+    pub fn describe(&self) -> String {
+        let pin = |who: &str, cpus: &Option<String>| cpus.as_ref().map(|c| format!(", {who} on CPUs {c}")).unwrap_or_default();
+        format!(
+            "veths with {} queue(s){}{}{}, {} round(s)",
+            self.queues,
+            pin("wrk", &self.wrk_cpus),
+            pin("balancer-host proxies", &self.balancer_cpus),
+            pin("backends", &self.backend_cpus),
+            self.rounds
+        )
+    }
+}
+
+/// How many CPUs a `taskset` list names ("0-3,8" is 5).
+fn cpu_count(list: &str) -> Result<usize, String> {
+    list.split(',').try_fold(0, |n, part| {
+        let bad = || format!("{list:?} is not a CPU list such as 0-3,8");
+        Ok(n + match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                b.checked_sub(a).ok_or_else(bad)? + 1
+            }
+            None => part.parse::<usize>().map(|_| 1).map_err(|_| bad())?,
+        })
+    })
+}
+
+/// `program` run under `taskset -c cpus` when there are CPUs to pin to.
+fn pinned(ns: &lb_tests::netns::Netns, cpus: &Option<String>, program: &str) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = ns.command("taskset");
+            c.args(["-c", cpus, program]);
+            c
+        }
+        None => ns.command(program),
+    }
+}
 /// iperf3's port: a second service, to one backend, for the bulk transfer.
 const BULK_PORT: u16 = 5201;
 
@@ -74,7 +167,7 @@ struct Backends {
 }
 
 impl Backends {
-    fn start(lab: &Lab) -> Self {
+    fn start(lab: &Lab, setup: &Setup) -> Self {
         let children = (0..lab.backends.len())
             .map(|i| {
                 let dir = lab.dir.join(format!("nginx-b{}", i + 1));
@@ -91,8 +184,7 @@ impl Backends {
                     n = i + 1
                 );
                 std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-                lab.backends[i]
-                    .command("nginx")
+                pinned(&lab.backends[i], &setup.backend_cpus, "nginx")
                     .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
                     .stderr(Stdio::null())
                     .spawn()
@@ -173,7 +265,8 @@ fn parse_ms(value: &str) -> f64 {
 
 /// Where every wrk run's own output goes, to look into a figure that stands out.
 fn raw_log() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-e2e-wrk.log")
+    let built_here = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    if built_here.exists() { built_here } else { std::path::PathBuf::from(".") }.join("bench-e2e-wrk.log")
 }
 
 fn log_raw(text: &str) {
@@ -199,10 +292,13 @@ fn fresh_client_address(lab: &Lab) {
 }
 
 /// Runs wrk from the client; `close` asks for a new connection per request.
-fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
+fn wrk(lab: &Lab, setup: &Setup, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
     fresh_client_address(lab);
     let url = format!("http://{target}/");
-    let mut script = format!("ulimit -n 20000; wrk -t2 -c{connections} -d{DURATION} --timeout 5s --latency");
+    let pin = setup.wrk_cpus.as_ref().map(|c| format!("taskset -c {c} ")).unwrap_or_default();
+    let threads = setup.wrk_threads();
+    let mut script =
+        format!("ulimit -n 20000; {pin}wrk -t{threads} -c{connections} -d{DURATION} --timeout 5s --latency");
     if close {
         script.push_str(" -H 'Connection: close'");
     }
@@ -239,7 +335,8 @@ fn wrk(lab: &Lab, backends: &Backends, target: SocketAddrV4, connections: u32, c
 
 /// Sets the balancer host up for `way`; the returned guard undoes it, and
 /// for lb says what its data path counted.
-fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce() -> Option<String>>) {
+fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce() -> Option<String>>) {
+    let workers = setup.balancer_workers();
     let servers: Vec<String> = (0..lab.backends.len()).map(|i| backend_addr(i).to_string()).collect();
     match way {
         Way::Plain => (backend_addr(0), Box::new(|| None)),
@@ -279,7 +376,7 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce() -> Option<Stri
                 let upstream: String = servers.iter().map(|s| format!("server {s};")).collect();
                 let conf = format!(
                     "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-                     worker_processes 2; daemon off; pid {dir}/nginx.pid; error_log stderr error;\n\
+                     worker_processes {workers}; daemon off; pid {dir}/nginx.pid; error_log stderr error;\n\
                      worker_rlimit_nofile 65536;\n\
                      events {{ worker_connections 32768; }}\n\
                      stream {{ upstream b {{ least_conn; {upstream} }} server {{ listen {VIP} backlog=4096; proxy_pass b; }}\n\
@@ -289,18 +386,26 @@ fn set_up(lab: &Lab, way: Way) -> (SocketAddrV4, Box<dyn FnOnce() -> Option<Stri
                     dir = dir.display()
                 );
                 std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-                lab.lb.command("nginx").args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap()
+                pinned(&lab.lb, &setup.balancer_cpus, "nginx")
+                    .args(["-c", dir.join("nginx.conf").to_str().unwrap(), "-p", dir.to_str().unwrap()])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
             } else {
                 let backend: String = servers.iter().enumerate().map(|(i, s)| format!("  server s{i} {s}\n")).collect();
                 let conf = format!(
-                    "global\n  nbthread 2\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                    "global\n  nbthread {workers}\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
                      frontend f\n  bind {VIP}\n  default_backend b\nbackend b\n  balance leastconn\n{backend}\
                      frontend bulk\n  bind {}\n  default_backend bulk\nbackend bulk\n  server s {}\n",
                     bulk(VIP),
                     bulk(backend_addr(0))
                 );
                 std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
-                lab.lb.command("haproxy").args(["-db", "-f", dir.join("haproxy.cfg").to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap()
+                pinned(&lab.lb, &setup.balancer_cpus, "haproxy")
+                    .args(["-db", "-f", dir.join("haproxy.cfg").to_str().unwrap()])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
             };
             std::thread::sleep(Duration::from_millis(500));
             let ns = lab.lb.name.clone();
@@ -356,11 +461,12 @@ fn ratio(a: &[Wrk], b: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
 }
 
 /// Runs the five ways; returns the report and the checks against the targets.
-pub fn run(plot: Option<&Path>) -> (String, Vec<Check>) {
+pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     let _ = std::fs::remove_file(raw_log());
     eprintln!("wrk's own output: {}", raw_log().display());
-    let lab = Lab::new(3);
-    let backends = Backends::start(&lab);
+    eprintln!("lab: {}", setup.describe());
+    let lab = Lab::with_queues(3, setup.queues);
+    let backends = Backends::start(&lab, setup);
     let mut iperf_server = lab.backends[0]
         .command("iperf3")
         .args(["-s", "-B", &backend_addr(0).ip().to_string(), "-p", &BULK_PORT.to_string()])
@@ -375,19 +481,20 @@ pub fn run(plot: Option<&Path>) -> (String, Vec<Check>) {
         .collect();
     let mut concurrent_10k = None;
     let mut lb_counted = Vec::new();
-    for round in 0..ROUNDS {
+    let rounds = setup.rounds;
+    for round in 0..rounds {
         for r in &mut results {
             let way = r.way;
-            eprintln!("== round {} of {ROUNDS}: {}", round + 1, way.name());
-            log_raw(&format!("== round {} of {ROUNDS}: {}", round + 1, way.name()));
-            let (target, tear_down) = set_up(&lab, way);
-            r.keepalive.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, false));
-            r.close.push(wrk(&lab, &backends, target, MAIN_CONCURRENCY, true));
+            eprintln!("== round {} of {rounds}: {}", round + 1, way.name());
+            log_raw(&format!("== round {} of {rounds}: {}", round + 1, way.name()));
+            let (target, tear_down) = set_up(&lab, setup, way);
+            r.keepalive.push(wrk(&lab, setup, &backends, target, MAIN_CONCURRENCY, false));
+            r.close.push(wrk(&lab, setup, &backends, target, MAIN_CONCURRENCY, true));
             if round == 0 {
-                r.sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, &backends, target, c, false))).collect();
+                r.sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, setup, &backends, target, c, false))).collect();
                 r.bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
                 if way == Way::Xdp {
-                    concurrent_10k = Some(wrk(&lab, &backends, target, 10_000, false));
+                    concurrent_10k = Some(wrk(&lab, setup, &backends, target, 10_000, false));
                 }
             }
             if let Some(counted) = tear_down() {
@@ -403,11 +510,13 @@ pub fn run(plot: Option<&Path>) -> (String, Vec<Check>) {
     let cpu_per_request = |w: &Wrk| w.balancer_cpu_seconds / w.requests.max(1.0) * 1e6;
     let rps = |w: &Wrk| w.requests_per_second;
     let mut out = format!(
-        "wrk -t2 -c{MAIN_CONCURRENCY} -d{DURATION}, {ROUNDS} rounds, each running the five ways in turn; every figure \
+        "wrk -t{} -c{MAIN_CONCURRENCY} -d{DURATION}; {}; each round runs the five ways in turn; every figure \
          is the median of the rounds, and every ratio the median of the ratios within each round. \
          \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
          | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | p99 × plain | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors | bulk Gbit/s (iperf3, 1 stream) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        setup.wrk_threads(),
+        setup.describe()
     );
     for r in &results {
         let errors: u64 = r.keepalive.iter().chain(&r.close).map(|w| w.errors).sum();

@@ -6,19 +6,24 @@ mod targets;
 
 fn main() {
     lb_tests::netns::remove_on_interrupt();
-    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let args: Vec<String> = std::env::args().collect();
+    let which = args.get(1).cloned().unwrap_or_else(|| "all".into());
+    let setup = e2e::Setup::from_args(args.get(2..).unwrap_or_default()).unwrap_or_else(|e| {
+        eprintln!("lb-bench: {e}");
+        std::process::exit(2);
+    });
     match which.as_str() {
         "micro" => {
             let (micro, checks) = micro::run();
             print!("{micro}\n{}", targets::table(&checks));
         }
         "e2e" => {
-            let (e2e, checks) = e2e::run(None);
+            let (e2e, checks) = e2e::run(None, &setup);
             print!("{e2e}\n{}", targets::table(&checks));
         }
         "all" => {
             let (micro, mut checks) = micro::run();
-            let (e2e, e2e_checks) = e2e::run(Some(std::path::Path::new("docs/e2e.svg")));
+            let (e2e, e2e_checks) = e2e::run(Some(std::path::Path::new("docs/e2e.svg")), &setup);
             checks.extend(e2e_checks);
             let notes = std::fs::read_to_string("docs/benchmark-notes.md").unwrap_or_default();
             let report = format!(
@@ -30,7 +35,7 @@ fn main() {
             print!("{report}");
         }
         _ => {
-            eprintln!("usage: lb-bench [micro|e2e|all]");
+            eprintln!("usage: lb-bench [micro|e2e|all] [--queues N] [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--rounds N]");
             std::process::exit(2);
         }
     }
