@@ -268,5 +268,18 @@ fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting, pins: 
     } else {
         tracing::info!(interface, "attached");
     }
+    accept_local(interface);
     Ok(())
+}
+
+/// Lets the kernel forward a rewritten reply whose source, the VIP, is one
+/// of this host's own addresses (as where keepalived holds the VIP): the
+/// data path hands such a reply to the kernel when the client's MAC is not
+/// known yet, and without `accept_local` the kernel drops it as a martian
+/// and never resolves the client, which then cannot connect.
+fn accept_local(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::warn!(interface, "setting {path} failed ({e}): with the VIP a local address, a client whose MAC is not known yet may not connect");
+    }
 }

@@ -87,3 +87,29 @@ fn connections_work_before_the_neighbours_are_resolved() {
     assert!(status["counters"]["no_neighbour"].as_u64().unwrap() > 0, "the unresolved path was taken");
     assert_eq!(status["services"][0]["total_connections"], 18);
 }
+
+#[test]
+fn a_client_the_balancer_has_never_seen_connects_at_once_with_the_vip_local() {
+    let running = start(&[1, 1], "");
+    let (lab, agent) = (&running.lab, &running.agent);
+    // The VIP as a local address of the balancer host, as keepalived sets it.
+    lab.lb.exec(&format!("ip addr add {}/32 dev lo", VIP.ip()));
+    for (i, host) in [77u8, 78, 79].into_iter().enumerate() {
+        // A new client address, and no neighbour entry for it anywhere: it
+        // sends its SYN without an ARP request the balancer could learn from.
+        let address = std::net::Ipv4Addr::new(198, 18, 0, host);
+        lab.client.exec(&format!(
+            "ip addr add {address}/24 dev eth0 && ip route replace default via {LB_CLIENT_SIDE} src {address}"
+        ));
+        lab.lb.exec("ip neigh flush all");
+        let began = std::time::Instant::now();
+        let held = lb_tests::servers::connect_with(&lab.client, VIP, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("client {address}: {e}; {}", agent.status()["counters"]));
+        assert!(
+            began.elapsed() < Duration::from_millis(900),
+            "client {i} ({address}) needed a SYN retransmission: {:?}",
+            began.elapsed()
+        );
+        held.close().unwrap();
+    }
+}
