@@ -56,3 +56,42 @@ mod tests {
         assert_eq!(size_of::<Counters>(), 8 * COUNTER_COUNT);
     }
 }
+
+/// A fingerprint of the pinned maps' layouts: every shared type's size and
+/// the offset of each of its fields, hashed (FNV-1a) when this crate is
+/// built. A new agent compares it with the one the running data path was
+/// pinned with (the `LAYOUT` map) before taking anything over, so a changed
+/// layout is never misread even if its sizes happen to stay the same.
+pub const LAYOUT_HASH: u64 = {
+    use core::mem::{offset_of, size_of};
+    let numbers: [usize; 60] = [
+        size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
+        size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags),
+        size_of::<Backend>(), offset_of!(Backend, addr), offset_of!(Backend, port), offset_of!(Backend, flags),
+        offset_of!(Backend, tier), offset_of!(Backend, weight), offset_of!(Backend, max_conns),
+        size_of::<Candidate>(), offset_of!(Candidate, per_connection), offset_of!(Candidate, cap),
+        offset_of!(Candidate, slot), offset_of!(Candidate, tier),
+        size_of::<BackendSet>(), offset_of!(BackendSet, len), offset_of!(BackendSet, candidate_count),
+        offset_of!(BackendSet, lowest_tier_count), offset_of!(BackendSet, scheduler), offset_of!(BackendSet, slots),
+        offset_of!(BackendSet, candidates), offset_of!(BackendSet, pick_table),
+        size_of::<ActiveCounts>(), HALF_OPEN_ONE as usize >> 16,
+        size_of::<FlowKey>(), offset_of!(FlowKey, saddr), offset_of!(FlowKey, daddr), offset_of!(FlowKey, sport),
+        offset_of!(FlowKey, dport),
+        size_of::<Flow>(), offset_of!(Flow, state), offset_of!(Flow, service), offset_of!(Flow, slot),
+        offset_of!(Flow, nat_addr), offset_of!(Flow, nat_port), offset_of!(Flow, direction), offset_of!(Flow, wscale),
+        offset_of!(Flow, ip_csum_diff), offset_of!(Flow, l4_csum_diff), offset_of!(Flow, seq_next),
+        offset_of!(Flow, acked), offset_of!(Flow, window), offset_of!(Flow, last_seen), offset_of!(Flow, hop),
+        size_of::<BackendStats>(), offset_of!(BackendStats, new_flows), offset_of!(BackendStats, refused),
+        offset_of!(BackendStats, unanswered), size_of::<Counters>(), COUNTER_COUNT,
+        // The state bits and their meaning.
+        FLOW_ESTABLISHED as usize, FLOW_ABORTED as usize, FLOW_RESET as usize, FLOW_EXPIRED as usize,
+        FLOW_GENERATION_ONE as usize,
+    ];
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < numbers.len() {
+        hash = (hash ^ numbers[i] as u64).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash
+};

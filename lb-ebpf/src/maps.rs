@@ -41,6 +41,11 @@ pub static OPENED: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(DEFAULT_
 #[map]
 pub static OPENED_CURSOR: PerCpuArray<RingCursor> = PerCpuArray::with_max_entries(1, 0);
 
+/// The layout fingerprint (`lb_common::LAYOUT_HASH`) of the build that
+/// pinned these maps; only the agent reads and writes it.
+#[map]
+pub static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Written by the agent when it loads the program.
 #[map]
 pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);

@@ -20,7 +20,8 @@ use aya::{
 };
 use lb_common::{
     backend_index, ActiveCounts, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
-    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, MAX_BACKENDS, MAX_SERVICES,
+    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 
 use super::{
@@ -51,7 +52,7 @@ pub struct Datapath {
 /// type and the key and value sizes this build reads them with. CLOCK
 /// (written at every load), BACKEND_HOPS (a cache) and the ring of recent
 /// openings start afresh with each program.
-fn pinned_layout() -> [(&'static str, MapType, usize, usize); 6] {
+fn pinned_layout() -> [(&'static str, MapType, usize, usize); 7] {
     use std::mem::size_of;
     [
         ("SERVICES", MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>()),
@@ -60,7 +61,15 @@ fn pinned_layout() -> [(&'static str, MapType, usize, usize); 6] {
         ("FLOWS", MapType::Hash, size_of::<FlowKey>(), size_of::<Flow>()),
         ("COUNTERS", MapType::PerCpuArray, size_of::<u32>(), size_of::<Counters>()),
         ("BACKEND_STATS", MapType::PerCpuArray, size_of::<u32>(), size_of::<BackendStats>()),
+        ("LAYOUT", MapType::Array, size_of::<u32>(), size_of::<u64>()),
     ]
+}
+
+/// The layout fingerprint in a pinned `LAYOUT` map (0: none written).
+fn pinned_layout_hash(path: &std::path::Path) -> Result<u64> {
+    let map = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let layout: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(map))?;
+    Ok(layout.get(&0, 0).unwrap_or(0))
 }
 
 /// Checks that the maps pinned at `paths` are what this build expects. One
@@ -74,6 +83,16 @@ fn check_pinned_layout(paths: &[(&str, PathBuf)]) -> Result<()> {
         }
         let info = MapInfo::from_pin(path).with_context(|| format!("reading the pinned map {}", path.display()))?;
         let found = (info.map_type()?, info.key_size() as usize, info.value_size() as usize);
+        let pinned_hash = if *name == "LAYOUT" { pinned_layout_hash(path)? } else { LAYOUT_HASH };
+        if pinned_hash != LAYOUT_HASH && pinned_hash != 0 {
+            bail!(
+                "the data path pinned at {} was made by a build whose map layout differs from this one's \
+                 (layout fingerprint {pinned_hash:016x}, this build's {LAYOUT_HASH:016x}): reading it would misread it. \
+                 Nothing was taken over or changed. Take the running data path off with `lb shutdown` \
+                 (its connections are dropped) or give this agent another agent.pin_dir",
+                path.parent().unwrap_or(path).display()
+            );
+        }
         if found != (map_type, key, value) {
             bail!(
                 "the pinned map {} is a {:?} of {}-byte keys and {}-byte values, but this build reads {name} as a \
@@ -179,6 +198,9 @@ impl Datapath {
             ebpf,
         };
         datapath.set_clock()?;
+        let mut layout: Array<&mut MapData, u64> =
+            Array::try_from(datapath.ebpf.map_mut("LAYOUT").context("map LAYOUT missing from the object")?)?;
+        layout.set(0, LAYOUT_HASH, 0)?;
         Ok((datapath, reused))
     }
 

@@ -141,3 +141,28 @@ fn pinned_maps_of_another_layout_are_left_alone_and_named() {
     assert!(maps.join("FLOWS").exists(), "the pinned map is left as it was");
     assert!(!lab.pin_dir().join("links").join("cli").exists(), "nothing attached");
 }
+
+#[test]
+fn a_data_path_of_another_layout_of_the_same_sizes_is_left_alone() {
+    let _serial = lb_tests::serial();
+    let lab = lb_tests::lab::Lab::new(1);
+    // The fingerprint a build with the same sizes but fields in another
+    // order would have pinned.
+    let maps = lb::datapath::Pins::maps_under(&lab.pin_dir());
+    std::fs::create_dir_all(&maps).unwrap();
+    let layout = maps.join("LAYOUT");
+    let bpftool = |args: &[&str]| {
+        let status = Command::new("bpftool").args(args).status().unwrap();
+        assert!(status.success(), "bpftool {args:?}");
+    };
+    let path = layout.to_str().unwrap();
+    bpftool(&["map", "create", path, "type", "array", "key", "4", "value", "8", "entries", "1", "name", "LAYOUT"]);
+    bpftool(&["map", "update", "pinned", path, "key", "0", "0", "0", "0", "value", "1", "2", "3", "4", "5", "6", "7", "8"]);
+    std::fs::write(lab.dir.join("lb.toml"), lab.config(&[1], "")).unwrap();
+    let netns = format!("--net=/run/netns/{}", lab.lb.name);
+    let (ok, stderr) = run_agent(&["nsenter", &netns], &lab.dir.join("lb.toml"));
+    assert!(!ok);
+    assert!(stderr.contains("layout fingerprint 0807060504030201"), "{stderr}");
+    assert!(stderr.contains(&format!("this build's {:016x}", lb_common::LAYOUT_HASH)), "{stderr}");
+    assert!(!maps.join("FLOWS").exists(), "nothing else was pinned");
+}
