@@ -113,6 +113,25 @@ impl Health {
         None
     }
 
+    /// What a previous agent knew: the backend was down by active checks
+    /// (it must pass `rise` of them again) or held out by passive failures
+    /// (for another `hold`).
+    pub fn resume(&mut self, active_down: bool, hold: Option<Duration>, now: Instant) {
+        if active_down {
+            self.active_up = false;
+            self.passes = 0;
+        }
+        if let Some(hold) = hold {
+            self.down_until = Some(now + hold);
+        }
+    }
+
+    /// Whether active checks hold it down, and how much longer a passive
+    /// hold lasts: what a restarted agent needs to resume.
+    pub fn down(&self, now: Instant) -> (bool, Option<Duration>) {
+        (!self.active_up, self.down_until.filter(|until| *until > now).map(|until| until - now))
+    }
+
     /// Starts passive counting from `total`, for a slot that was just
     /// (re)assigned.
     pub fn reset_passive(&mut self, total: u64) {

@@ -130,6 +130,23 @@ impl<M: Maps> Balancer<M> {
         self.refresh()
     }
 
+    /// Takes back what a previous agent knew of a backend's health.
+    pub fn resume_health(
+        &mut self,
+        service: &str,
+        address: SocketAddrV4,
+        active_down: bool,
+        hold: Option<Duration>,
+        now: Instant,
+        reason: &str,
+    ) -> Result<()> {
+        self.model.update_member(service, address, |m| {
+            m.health.resume(active_down, hold, now);
+            format!("{reason} (before the restart)")
+        })?;
+        self.refresh()
+    }
+
     /// Applies a new config as one plan of differences: services and
     /// backends added, removed or changed (scheduler and health checks
     /// too); unchanged backends and all established flows are left alone,

@@ -179,9 +179,11 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
                 }
             },
             Some((service, address, result)) = checked.recv() => {
-                if let Err(e) = balancer.lock().unwrap().record_check(&service, address, result) {
+                let mut b = balancer.lock().unwrap();
+                if let Err(e) = b.record_check(&service, address, result) {
                     tracing::warn!("applying a health check result failed: {e:#}");
                 }
+                persist.save(&b.model);
             }
             _ = control_tick.tick() => {
                 notifier.alive();
@@ -189,6 +191,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
                 if let Err(e) = b.tick() {
                     tracing::warn!("updating backend states failed: {e:#}");
                 }
+                persist.save(&b.model);
                 checkers.reconcile(b.check_targets(), &check_results);
             }
             _ = aging_tick.tick() => aging.tick(&mut balancer.lock().unwrap()),

@@ -377,3 +377,20 @@ fn refusals_from_before_a_restart_are_not_counted_again() {
     assert_takes_new_flows(&lab, "b1", "after the restart");
     assert_takes_new_flows(&lab, "b2", "after the restart");
 }
+
+#[test]
+fn a_backend_down_before_a_restart_is_still_down_after_it() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    let mut servers = lab.start_processes();
+    let config = lab.config_full(&["weight = 1"; 2], "", TCP_CHECKS);
+    let agent = lab.start_agent(&config);
+    servers[1].kill();
+    wait_state(&agent, 1, "down");
+    agent.kill();
+    let agent = lab.start_agent(&config);
+    assert_eq!(agent.backends()[1]["state"], "down", "{}", agent.log());
+    for _ in 0..10 {
+        assert_eq!(quick(&lab).backend.as_deref(), Some("b1"), "no new connection tries the dead backend");
+    }
+}
