@@ -94,7 +94,7 @@ fn start(config: &Config, pins: &Pins, mut datapath: Datapath, reused: bool, per
         balancer.add_service(service).with_context(|| format!("configuring service {}", service.name))?;
     }
     balancer.finish_adoption()?;
-    saved.apply_admin(&mut balancer);
+    saved.take_back(&mut balancer);
     persist.save(&balancer.model);
     for interface in &config.agent.interfaces {
         attach(&mut balancer.datapath, interface, config.agent.xdp_mode, pins)?;

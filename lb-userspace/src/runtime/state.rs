@@ -95,7 +95,7 @@ impl OperatorState {
 
     /// Applies the saved drains, disables and health to the backends that
     /// are there.
-    pub fn apply_admin<M: Maps>(&self, balancer: &mut Balancer<M>) {
+    pub fn take_back<M: Maps>(&self, balancer: &mut Balancer<M>) {
         for a in &self.admin {
             if balancer.set_admin(&a.service, a.address, a.admin).is_ok() {
                 tracing::info!(service = %a.service, backend = %a.address, admin = ?a.admin, "kept from before the restart");
@@ -230,7 +230,7 @@ mod tests {
         for s in saved.services_for(&config, "abc") {
             second.add_service(s).unwrap();
         }
-        saved.apply_admin(&mut second);
+        saved.take_back(&mut second);
         let backends: Vec<(SocketAddrV4, u32, Admin)> = second.model.services[0]
             .configured()
             .map(|m| (m.config.address, m.config.weight, m.admin))
@@ -244,7 +244,7 @@ mod tests {
         for s in saved.services_for(&config, "edited") {
             third.add_service(s).unwrap();
         }
-        saved.apply_admin(&mut third);
+        saved.take_back(&mut third);
         let backends: Vec<(u32, Admin)> =
             third.model.services[0].configured().map(|m| (m.config.weight, m.admin)).collect();
         assert_eq!(backends, [(1, Admin::Enabled), (1, Admin::Disabled)]);
@@ -265,7 +265,7 @@ mod tests {
 
         let mut second = Balancer::new(FakeMaps::new(4));
         second.add_service(&config).unwrap();
-        saved.apply_admin(&mut second);
+        saved.take_back(&mut second);
         let states: Vec<String> = second.status().unwrap().services[0].backends.iter().map(|b| b.state.to_string()).collect();
         assert_eq!(states, ["up", "down"]);
         let passed = crate::api::CheckResult { ok: true, latency_ms: 1.0, detail: "connected".into() };
