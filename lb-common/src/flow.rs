@@ -141,14 +141,17 @@ pub struct RingCursor {
 }
 
 /// A next hop from a successful route lookup (`ifindex` 0: none yet): the
-/// egress interface, the destination and source MAC addresses, and when it
-/// was looked up (`Clock` ticks).
+/// egress interface, the destination and source MAC addresses, when it was
+/// looked up (`Clock` ticks, the low 32 bits: only their difference from now
+/// is read), and the route's MTU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
     pub ifindex: u32,
     pub macs: [u8; 12],
-    pub at: u64,
+    pub at: u32,
+    pub mtu: u16,
+    pub _pad: u16,
 }
 
 /// A backend's next hop, with the backend's address: a slot may have

@@ -64,7 +64,7 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 60] = [
+    let numbers: [usize; 62] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags),
         size_of::<Backend>(), offset_of!(Backend, addr), offset_of!(Backend, port), offset_of!(Backend, flags),
@@ -81,6 +81,7 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(Flow, nat_addr), offset_of!(Flow, nat_port), offset_of!(Flow, direction), offset_of!(Flow, wscale),
         offset_of!(Flow, ip_csum_diff), offset_of!(Flow, l4_csum_diff), offset_of!(Flow, seq_next),
         offset_of!(Flow, acked), offset_of!(Flow, window), offset_of!(Flow, last_seen), offset_of!(Flow, hop),
+        offset_of!(NextHop, at), offset_of!(NextHop, mtu),
         size_of::<BackendStats>(), offset_of!(BackendStats, new_flows), offset_of!(BackendStats, refused),
         offset_of!(BackendStats, unanswered), size_of::<Counters>(), COUNTER_COUNT,
         // The state bits and their meaning.

@@ -102,6 +102,21 @@ counters! {
     TupleInUse = "tuple_in_use",
     /// A SYN found the table full and a dead flow made room for it.
     Evicted = "evicted_for_room",
+    /// A packet of a flow too big for its next hop, with DF set: its sender
+    /// got ICMP fragmentation needed, about the packet as it sent it.
+    IcmpFragNeededSent = "icmp_frag_needed_sent",
+    /// A packet of a flow with TTL 1 or 0: its sender got ICMP time
+    /// exceeded instead of a forwarded TTL 0.
+    IcmpTimeExceededSent = "icmp_time_exceeded_sent",
+    /// ICMP errors about a tracked flow (unreachable, fragmentation needed,
+    /// time exceeded), translated and sent on to the flow's other side.
+    IcmpTranslated = "icmp_translated",
+    /// A packet of a flow too big for its next hop, without DF: the kernel
+    /// fragments it.
+    TooBigToKernel = "too_big_to_kernel",
+    /// Packets of a flow that could not be answered with ICMP (IP options),
+    /// or ICMP errors whose TTL ran out here: dropped.
+    IcmpNotSent = "icmp_not_sent",
 }
 
 impl Counter {
@@ -118,7 +133,7 @@ impl Counter {
         Counter::TupleInUse,
     ];
     /// Other events of the data path: the metrics' `lb_events`.
-    pub const EVENTS: [Counter; 10] = [
+    pub const EVENTS: [Counter; 15] = [
         Counter::NewFlows,
         Counter::Evicted,
         Counter::Established,
@@ -129,6 +144,11 @@ impl Counter {
         Counter::NoNeighbour,
         Counter::FibFailed,
         Counter::Fragment,
+        Counter::IcmpFragNeededSent,
+        Counter::IcmpTimeExceededSent,
+        Counter::IcmpTranslated,
+        Counter::TooBigToKernel,
+        Counter::IcmpNotSent,
     ];
 }
 
@@ -153,7 +173,7 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
-        assert_eq!(Counter::Evicted as usize + 1, COUNTER_COUNT);
+        assert_eq!(Counter::IcmpNotSent as usize + 1, COUNTER_COUNT);
         assert_eq!(Counter::TableFull.name(), "table_full");
     }
 }

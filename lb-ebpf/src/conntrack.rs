@@ -38,7 +38,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, seq_after, Counter, Flow, FlowKey, ServiceKey, Timeouts, DIR_FORWARD,
+    flow_closed, flow_last_active, flow_timeout, seq_after, Counter, Flow, FlowKey, Service, ServiceKey, Timeouts, DIR_FORWARD,
     DIR_REPLY, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
@@ -415,14 +415,26 @@ pub enum Opened {
     Drop(Option<Counter>),
 }
 
+/// The service `key` is addressed to, if any.
+#[inline(always)]
+fn service_of(key: &FlowKey) -> Option<&'static Service> {
+    let service_key = ServiceKey { addr: key.daddr, port: key.dport, proto: PROTO_TCP, _pad: 0 };
+    unsafe { SERVICES.get(&service_key) }
+}
+
+/// `key` is addressed to a service.
+#[inline(always)]
+pub fn is_service(key: &FlowKey) -> bool {
+    service_of(key).is_some()
+}
+
 /// A SYN to open a flow: choose a backend and record the flow both ways.
 /// `existing` is the forward entry on the same 5-tuple, if any: a closed
 /// flow whose ports are reused, or (with `avoid` set to its slot, otherwise
 /// `NO_SLOT`) a live one whose backend left the SYN unanswered.
 #[inline(always)]
 pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*mut Flow>, now: u64, avoid: u32) -> Opened {
-    let service_key = ServiceKey { addr: key.daddr, port: key.dport, proto: PROTO_TCP, _pad: 0 };
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+    let Some(service) = service_of(key) else {
         return Opened::NotAService;
     };
     let service_id = service.id;

@@ -25,3 +25,9 @@ pub fn diff32(old: u32, new: u32) -> u32 {
 pub fn apply(check: u16, diff: u16) -> u16 {
     !fold((!check) as u32 + diff as u32)
 }
+
+/// The sum of a 32-bit field's two 16-bit words, as they are on the wire.
+#[inline(always)]
+pub fn words(bytes: [u8; 4]) -> u32 {
+    u16::from_be_bytes([bytes[0], bytes[1]]) as u32 + u16::from_be_bytes([bytes[2], bytes[3]]) as u32
+}

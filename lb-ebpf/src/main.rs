@@ -9,6 +9,7 @@ mod clock;
 mod conntrack;
 mod csum;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -27,6 +28,9 @@ use lb_common::{Counter, ExpireRequest, Flow, EXPIRE_BATCH, EXPIRE_RESET};
 use parse::Parsed;
 use schedule::NO_SLOT;
 
+const PASS: (u32, Counter) = (XDP_PASS, Counter::VerdictPass);
+const DROP: (u32, Counter) = (XDP_DROP, Counter::VerdictDrop);
+
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (action, verdict) = balance(&ctx);
@@ -36,12 +40,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, Counter) {
-    const PASS: (u32, Counter) = (XDP_PASS, Counter::VerdictPass);
-    const DROP: (u32, Counter) = (XDP_DROP, Counter::VerdictDrop);
-
     // Parse.
     let pkt = match parse::parse(ctx) {
         Parsed::Tcp(pkt) => pkt,
+        Parsed::Icmp(err) => return answered(icmp::translate(ctx, &err)),
         Parsed::Pass(reason) => {
             if let Some(reason) = reason {
                 stats::count(reason);
@@ -61,6 +63,15 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
         // Not a flow of ours: the host's own traffic, or a stray segment the
         // kernel will answer.
         return PASS;
+    }
+    if pkt.ttl() <= 1 {
+        // Forwarding would leave TTL 0: a router answers time exceeded.
+        let from = match existing {
+            Some(entry) => icmp::our_address(&key, unsafe { &*entry }),
+            None if conntrack::is_service(&key) => key.daddr,
+            None => return PASS,
+        };
+        return answered(icmp::answer(ctx, &pkt, icmp::Refusal::TtlExpired, from));
     }
     let now = clock::now();
     let mut opened = None;
@@ -88,8 +99,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
         (Some(flow), _) => (flow, None),
         (None, Some(entry)) => {
             if conntrack::answer_with_reset(unsafe { &*entry }) && pkt.flags & lb_common::TCP_RST == 0 {
-                let action = reset::answer(ctx, &pkt);
-                return (action, if action == XDP_DROP { Counter::VerdictDrop } else { Counter::VerdictRedirect });
+                return answered(reset::answer(ctx, &pkt));
             }
             match conntrack::track(ctx, &pkt, &key, entry, &now) {
                 conntrack::Tracked::Forward => {}
@@ -111,17 +121,36 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
         (None, None) => return PASS,
     };
 
+    // Route, before the rewrite: a packet too big for the route, with DF,
+    // is answered about as its sender sent it.
+    let route = forward::route(ctx, &pkt, &key, flow, &now);
+    if let Some(refusal) = forward::refusal(&pkt, &route) {
+        return answered(icmp::answer(ctx, &pkt, refusal, icmp::our_address(&key, flow)));
+    }
+
     // Rewrite.
     nat::rewrite(&pkt, flow);
     stats::count_packet(flow, pkt.len);
 
     // Send.
-    let sent = forward::send(ctx, &pkt, flow, &now);
-    if let (Some(hop), Some(entry)) = (sent.learned, entry) {
+    let sent = forward::send(&pkt, &route);
+    if let (true, Some(entry)) = (route.learned, entry) {
         // The flow keeps its next hop for the packets after this one.
-        unsafe { (*entry).hop = hop };
+        unsafe { (*entry).hop = *route.hop() };
     }
     (sent.action, sent.counter)
+}
+
+/// The verdict that goes with `action`, for packets handled aside from the
+/// main path (answered with an RST or ICMP, or an ICMP error translated).
+#[inline(always)]
+fn answered(action: u32) -> (u32, Counter) {
+    let verdict = match action {
+        XDP_DROP => Counter::VerdictDrop,
+        XDP_PASS => Counter::VerdictPass,
+        _ => Counter::VerdictRedirect,
+    };
+    (action, verdict)
 }
 
 /// Not attached: the agent runs it through BPF_PROG_TEST_RUN with a batch of

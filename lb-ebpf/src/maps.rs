@@ -1,11 +1,13 @@
 //! The maps the program shares with the agent. Sizes here are defaults; the
 //! agent sets the connection table's size at load time.
 use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendHop, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, Service, ServiceKey,
+    ActiveCounts, BackendHop, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
+    ServiceKey,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 
@@ -55,3 +57,15 @@ pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);
 /// CPU: read on every new flow, written about once a second.
 #[map]
 pub static BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
+
+/// Each CPU's room for a route lookup: its parameter block and the next hop
+/// it found, which the packet path's stack has no room for. Not pinned:
+/// nothing in it outlives the packet.
+#[repr(C)]
+pub struct RouteScratch {
+    pub fib: FibParams,
+    pub hop: NextHop,
+}
+
+#[map]
+pub static ROUTE_SCRATCH: PerCpuArray<RouteScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -11,6 +11,8 @@ use aya_ebpf::{
 use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
+use crate::icmp::{IcmpHdr, DEST_UNREACHABLE, PROTO_ICMP, TIME_EXCEEDED};
+
 const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.
 const IP_FRAGMENT_MASK: u16 = 0x3fff;
@@ -66,6 +68,23 @@ impl TcpPacket {
     #[inline(always)]
     pub fn window(&self) -> u32 {
         u16::from_be_bytes(unsafe { (*self.tcp).window }) as u32
+    }
+
+    /// The IP packet's length, as its header says.
+    #[inline(always)]
+    pub fn ip_len(&self) -> u16 {
+        u16::from_be_bytes(unsafe { (*self.ip).tot_len })
+    }
+
+    /// The IP header's flags and fragment offset.
+    #[inline(always)]
+    pub fn frag_flags(&self) -> u16 {
+        u16::from_be_bytes(unsafe { (*self.ip).frags })
+    }
+
+    #[inline(always)]
+    pub fn ttl(&self) -> u8 {
+        unsafe { (*self.ip).ttl }
     }
 
     /// The next sequence number after this segment.
@@ -145,8 +164,23 @@ extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
+/// An ICMP error (destination unreachable, time exceeded) that quotes a TCP
+/// packet: the outer headers, and the quoted IP header and the first 8
+/// bytes of its TCP header.
+pub struct IcmpError {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    pub icmp: *mut IcmpHdr,
+    pub inner_ip: *mut Ipv4Hdr,
+    /// Ports and sequence number.
+    pub inner_ports: *mut [u8; 8],
+    /// The quoted TCP checksum, where the quote reaches it.
+    pub inner_check: Option<*mut [u8; 2]>,
+}
+
 pub enum Parsed {
     Tcp(TcpPacket),
+    Icmp(IcmpError),
     /// Not ours to handle: the kernel gets it untouched.
     Pass(Option<Counter>),
     /// Broken beyond what the kernel would accept.
@@ -187,11 +221,14 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     if u16::from_be_bytes(unsafe { (*ip).frags }) & IP_FRAGMENT_MASK != 0 {
         return Parsed::Pass(Some(Counter::Fragment));
     }
-    if unsafe { (*ip).proto } != PROTO_TCP {
-        return Parsed::Pass(None);
+    // IHL is at most 15, so the next header starts within 74 bytes.
+    let l4_offset = EthHdr::LEN + (header_len & 0x3c);
+    match unsafe { (*ip).proto } {
+        PROTO_TCP => {}
+        PROTO_ICMP => return parse_icmp(ctx, eth, ip, l4_offset),
+        _ => return Parsed::Pass(None),
     }
-    // IHL is at most 15, so the TCP header starts within 74 bytes.
-    let tcp_offset = EthHdr::LEN + (header_len & 0x3c);
+    let tcp_offset = l4_offset;
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, tcp_offset) else {
         return Parsed::Drop(Counter::MalformedTcp);
     };
@@ -213,4 +250,29 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         seq_len,
         len: frame_len as u64,
     })
+}
+
+/// An ICMP error quoting a TCP packet with a plain IP header, or the kernel's.
+#[inline(always)]
+fn parse_icmp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, offset: usize) -> Parsed {
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, offset) else {
+        return Parsed::Pass(None);
+    };
+    let kind = unsafe { (*icmp).kind };
+    if kind != DEST_UNREACHABLE && kind != TIME_EXCEEDED {
+        return Parsed::Pass(None);
+    }
+    let inner_offset = offset + mem::size_of::<IcmpHdr>();
+    let Some(inner_ip) = ptr_at::<Ipv4Hdr>(ctx, inner_offset) else {
+        return Parsed::Pass(None);
+    };
+    if unsafe { (*inner_ip).vihl } != 0x45 || unsafe { (*inner_ip).proto } != PROTO_TCP {
+        return Parsed::Pass(None);
+    }
+    let ports_offset = inner_offset + Ipv4Hdr::LEN;
+    let Some(inner_ports) = ptr_at::<[u8; 8]>(ctx, ports_offset) else {
+        return Parsed::Pass(None);
+    };
+    let inner_check = ptr_at::<[u8; 2]>(ctx, ports_offset + 16);
+    Parsed::Icmp(IcmpError { eth, ip, icmp, inner_ip, inner_ports, inner_check })
 }

@@ -9,14 +9,12 @@ use aya_ebpf::{
 
 use lb_common::{TCP_ACK, TCP_RST};
 
-use crate::{csum::fold, parse::TcpPacket};
+use crate::{
+    csum::{fold, words},
+    parse::TcpPacket,
+};
 
 const FRAME_LEN: usize = 14 + 20 + 20;
-
-#[inline(always)]
-fn words(bytes: [u8; 4]) -> u32 {
-    u16::from_be_bytes([bytes[0], bytes[1]]) as u32 + u16::from_be_bytes([bytes[2], bytes[3]]) as u32
-}
 
 /// Turns `pkt` into the RST that answers it and sends it back out of the
 /// interface it came in on (a redirect, not XDP_TX: see `forward.rs`).

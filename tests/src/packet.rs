@@ -194,3 +194,93 @@ pub fn inspect(frame: &[u8]) -> Seen {
         payload: frame[t + doff..14 + total].to_vec(),
     }
 }
+
+/// An ICMP error frame from `src` to `dst` quoting `quoted` (an IP packet:
+/// a frame's bytes after its Ethernet header), with correct checksums.
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + quoted.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[0x45, 0xc0]);
+    f.extend_from_slice(&(total as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[kind, code, 0, 0]);
+    f.extend_from_slice(&rest);
+    f.extend_from_slice(quoted);
+    let c = ip_checksum(&f);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let c = finish(sum16(&f[34..]));
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// What a test checks in an ICMP error the program let out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenIcmp {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub kind: u8,
+    pub code: u8,
+    /// For fragmentation needed: the next hop's MTU.
+    pub mtu: u16,
+    pub dst_mac: [u8; 6],
+    /// The quoted packet's addresses and ports.
+    pub quoted_src: SocketAddrV4,
+    pub quoted_dst: SocketAddrV4,
+    pub quoted_seq: u32,
+    /// The quoted bytes (IP header on).
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an ICMP error frame and asserts its IPv4 and ICMP checksums, and
+/// the quoted IPv4 header's, equal a full recomputation.
+pub fn inspect_icmp(frame: &[u8]) -> SeenIcmp {
+    assert!(frame.len() >= 14 + 20 + 8 + 28, "too short for an ICMP error: {} bytes", frame.len());
+    assert_eq!(u16::from_be_bytes([frame[12], frame[13]]), 0x0800);
+    assert_eq!(frame[23], 1, "not ICMP");
+    let hl = ip_header_len(frame);
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    assert_eq!(14 + total, frame.len(), "the IP length covers the frame");
+    assert_eq!(u16::from_be_bytes([frame[24], frame[25]]), ip_checksum(frame), "IPv4 header checksum is wrong");
+    let icmp = &frame[14 + hl..];
+    assert_eq!(finish(sum16(icmp)), 0, "ICMP checksum is wrong");
+    let quoted = &icmp[8..];
+    let mut quoted_frame = frame[..14].to_vec();
+    quoted_frame.extend_from_slice(quoted);
+    assert_eq!(
+        u16::from_be_bytes([quoted_frame[24], quoted_frame[25]]),
+        ip_checksum(&quoted_frame),
+        "the quoted IPv4 header's checksum is wrong"
+    );
+    let addr = |b: &[u8], o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+    let port = |b: &[u8], o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
+    let qhl = ((quoted[0] & 0x0f) as usize) * 4;
+    SeenIcmp {
+        src: addr(frame, 26),
+        dst: addr(frame, 30),
+        ttl: frame[22],
+        kind: icmp[0],
+        code: icmp[1],
+        mtu: port(icmp, 6),
+        dst_mac: frame[0..6].try_into().unwrap(),
+        quoted_src: SocketAddrV4::new(addr(quoted, 12), port(quoted, qhl)),
+        quoted_dst: SocketAddrV4::new(addr(quoted, 16), port(quoted, qhl + 2)),
+        quoted_seq: u32::from_be_bytes(quoted[qhl + 4..qhl + 8].try_into().unwrap()),
+        quoted: quoted.to_vec(),
+    }
+}
+
+/// The TCP checksum of a quoted packet that is whole (header and payload),
+/// recomputed from scratch and compared with the one it carries.
+pub fn quoted_tcp_checksum_is_right(quoted: &[u8]) -> bool {
+    let mut frame = vec![0u8; 14];
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(quoted);
+    let t = 14 + ip_header_len(&frame);
+    u16::from_be_bytes([frame[t + 16], frame[t + 17]]) == tcp_checksum(&frame)
+}

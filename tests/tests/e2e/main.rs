@@ -9,5 +9,6 @@ mod faults;
 mod forwarding;
 mod hostile;
 mod metrics;
+mod path_mtu;
 mod reload;
 mod restart;

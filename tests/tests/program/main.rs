@@ -3,5 +3,6 @@
 mod datapath;
 mod failover;
 mod hostile;
+mod icmp;
 mod port_reuse;
 mod random_two;

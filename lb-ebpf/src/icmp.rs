@@ -1,0 +1,218 @@
+//! ICMP, as a router on the flow's path owes it: a packet that cannot go on
+//! (too big for the next hop with DF set, or its TTL run out) is answered
+//! with the ICMP error a router would send, quoting the packet as its sender
+//! sent it, so the sender's TCP finds its connection; ICMP errors that others
+//! send about a flow's packets are translated back (addresses, ports and
+//! checksums, outer and inner) and sent on to the flow's other side.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    csum::{apply, diff16, diff32, fold, words},
+    forward,
+    parse::{IcmpError, TcpPacket},
+};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const DEST_UNREACHABLE: u8 = 3;
+pub const FRAG_NEEDED: u8 = 4;
+pub const TIME_EXCEEDED: u8 = 11;
+
+/// The ICMP header: type, code, checksum, and four bytes that depend on the
+/// type (for fragmentation needed: unused, then the next hop's MTU).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// What an answer quotes: the offending packet's IP header (without
+/// options) and the first 8 bytes of its TCP header — ports and sequence
+/// number, what the sender's stack needs to find the connection (RFC 792).
+const QUOTED: usize = Ipv4Hdr::LEN + 8;
+const ANSWER_IP_LEN: usize = Ipv4Hdr::LEN + 8 + QUOTED;
+const ANSWER_LEN: usize = EthHdr::LEN + ANSWER_IP_LEN;
+
+/// Why a packet of a flow is answered instead of forwarded.
+#[derive(Clone, Copy)]
+pub enum Refusal {
+    /// Bigger than the next hop's MTU, with DF set.
+    TooBig(u16),
+    /// TTL 1 or 0: forwarding would leave it at 0.
+    TtlExpired,
+}
+
+/// Turns `pkt`, as it arrived, into the ICMP error that answers it, from
+/// `from` (the address the sender reached the balancer at), and sends it
+/// back out of the interface it came in on. Packets with IP options are
+/// dropped instead: the quote would not fit this fixed shape, and no TCP
+/// stack in practice sends them.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, pkt: &TcpPacket, refusal: Refusal, from: u32) -> u32 {
+    let ip = unsafe { &*pkt.ip };
+    if ip.vihl != 0x45 {
+        crate::stats::count(Counter::IcmpNotSent);
+        return XDP_DROP;
+    }
+    let (sender_mac, our_mac, sender) = unsafe { ((*pkt.eth).src_addr, (*pkt.eth).dst_addr, ip.src_addr) };
+    let (kind, code, rest, counter) = match refusal {
+        Refusal::TooBig(mtu) => {
+            let m = mtu.to_be_bytes();
+            (DEST_UNREACHABLE, FRAG_NEEDED, [0, 0, m[0], m[1]], Counter::IcmpFragNeededSent)
+        }
+        Refusal::TtlExpired => (TIME_EXCEEDED, 0, [0; 4], Counter::IcmpTimeExceededSent),
+    };
+
+    // Keep the quote, then make room in front of it for the new IP and ICMP
+    // headers (the Ethernet header is rewritten in place).
+    let frame_len = (ctx.data_end() - ctx.data()) as i32;
+    let keep = (EthHdr::LEN + QUOTED) as i32;
+    if frame_len < keep
+        || unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - frame_len) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -((ANSWER_LEN as i32) - keep)) } != 0
+    {
+        crate::stats::count(Counter::IcmpNotSent);
+        return XDP_DROP;
+    }
+    let data = ctx.data();
+    if data + ANSWER_LEN > ctx.data_end() {
+        return XDP_DROP;
+    }
+    let frame = unsafe { &mut *(data as *mut [u8; ANSWER_LEN]) };
+    frame[0..6].copy_from_slice(&sender_mac);
+    frame[6..12].copy_from_slice(&our_mac);
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+
+    let ip = &mut frame[14..34];
+    let len = ANSWER_IP_LEN as u16;
+    ip.copy_from_slice(&[0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    ip[2..4].copy_from_slice(&len.to_be_bytes());
+    ip[12..16].copy_from_slice(&from.to_ne_bytes());
+    ip[16..20].copy_from_slice(&sender);
+    let ip_sum = 0x45c0 + len as u32 + (64 << 8 | PROTO_ICMP as u32) + words(from.to_ne_bytes()) + words(sender);
+    ip[10..12].copy_from_slice(&(!fold(ip_sum)).to_be_bytes());
+
+    let icmp = &mut frame[34..ANSWER_LEN];
+    icmp[0] = kind;
+    icmp[1] = code;
+    icmp[2] = 0;
+    icmp[3] = 0;
+    icmp[4..8].copy_from_slice(&rest);
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < ANSWER_LEN - 34 {
+        sum += u16::from_be_bytes([icmp[i], icmp[i + 1]]) as u32;
+        i += 2;
+    }
+    icmp[2..4].copy_from_slice(&(!fold(sum)).to_be_bytes());
+
+    crate::stats::count(counter);
+    unsafe { bpf_redirect((*ctx.ctx).ingress_ifindex, 0) as u32 }
+}
+
+/// The address a packet's sender reached the balancer at, for the answers
+/// it gets: the VIP either way (a forward packet's destination, the address
+/// a reply is rewritten to come from).
+#[inline(always)]
+pub fn our_address(key: &FlowKey, flow: &Flow) -> u32 {
+    if flow.direction == DIR_FORWARD {
+        key.daddr
+    } else {
+        flow.nat_addr
+    }
+}
+
+/// An ICMP error about a packet the balancer rewrote. The quoted packet,
+/// read backwards, is the key of the flow entry whose direction the error
+/// travels in: an error about a forward packet (client → backend) travels
+/// as a reply and gets the VIP back in the quote's destination; an error
+/// about a reply (VIP → client) travels forward and gets the backend in the
+/// quote's source and the outer destination. Errors about anything else go
+/// to the kernel untouched. Returns the action; the caller derives the
+/// verdict.
+#[inline(always)]
+pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
+    const PASS: u32 = XDP_PASS;
+    let (ip, inner) = unsafe { (&mut *err.ip, &mut *err.inner_ip) };
+    let ports = unsafe { &mut *err.inner_ports };
+    let quoted = FlowKey {
+        saddr: u32::from_ne_bytes(inner.src_addr),
+        daddr: u32::from_ne_bytes(inner.dst_addr),
+        sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport: u16::from_ne_bytes([ports[2], ports[3]]),
+    };
+    // An error goes to the quoted packet's source: anything else is not an
+    // error about a packet of ours.
+    if u32::from_ne_bytes(ip.dst_addr) != quoted.saddr {
+        return PASS;
+    }
+    let key = FlowKey { saddr: quoted.daddr, daddr: quoted.saddr, sport: quoted.dport, dport: quoted.sport };
+    let Some(entry) = crate::conntrack::lookup(&key) else {
+        return PASS;
+    };
+    let flow = unsafe { *entry };
+    if ip.ttl <= 1 {
+        crate::stats::count(Counter::IcmpNotSent);
+        return XDP_DROP;
+    }
+
+    // The quote: the address and port the flow's rewrite changes, and the
+    // quoted checksums, which change by what the rewrite of a packet of this
+    // entry's direction changes.
+    let old_inner_check = u16::from_ne_bytes(inner.check);
+    let new_inner_check = apply(old_inner_check, flow.ip_csum_diff);
+    inner.check = new_inner_check.to_ne_bytes();
+    let mut icmp_sum = diff16(old_inner_check, new_inner_check);
+    let (old_addr, old_port);
+    let outer_old;
+    if flow.direction == DIR_FORWARD {
+        old_addr = quoted.saddr;
+        old_port = quoted.sport;
+        inner.src_addr = flow.nat_addr.to_ne_bytes();
+        ports[0..2].copy_from_slice(&flow.nat_port.to_ne_bytes());
+        outer_old = u32::from_ne_bytes(ip.dst_addr);
+        ip.dst_addr = flow.nat_addr.to_ne_bytes();
+    } else {
+        old_addr = quoted.daddr;
+        old_port = quoted.dport;
+        inner.dst_addr = flow.nat_addr.to_ne_bytes();
+        ports[2..4].copy_from_slice(&flow.nat_port.to_ne_bytes());
+        // From the backend itself: it now comes from the VIP.
+        outer_old = u32::from_ne_bytes(ip.src_addr);
+        if outer_old == quoted.daddr {
+            ip.src_addr = flow.nat_addr.to_ne_bytes();
+        }
+    }
+    icmp_sum += diff32(old_addr, flow.nat_addr) + diff16(old_port, flow.nat_port);
+    if let Some(check) = err.inner_check {
+        let check = unsafe { &mut *check };
+        let old = u16::from_ne_bytes(*check);
+        let new = apply(old, flow.l4_csum_diff);
+        *check = new.to_ne_bytes();
+        icmp_sum += diff16(old, new);
+    }
+    let icmp = unsafe { &mut *err.icmp };
+    icmp.check = apply(u16::from_ne_bytes(icmp.check), fold(icmp_sum)).to_ne_bytes();
+    let outer_new =
+        if flow.direction == DIR_FORWARD { u32::from_ne_bytes(ip.dst_addr) } else { u32::from_ne_bytes(ip.src_addr) };
+    let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let ip_sum = diff32(outer_old, outer_new) + diff16(old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
+    ip.check = apply(u16::from_ne_bytes(ip.check), fold(ip_sum)).to_ne_bytes();
+    crate::stats::count(Counter::IcmpTranslated);
+
+    let src = u32::from_ne_bytes(ip.src_addr);
+    let dst = u32::from_ne_bytes(ip.dst_addr);
+    let route = forward::lookup(ctx, src, dst, 0);
+    if route.to_kernel() {
+        return PASS;
+    }
+    forward::redirect(err.eth, route.hop())
+}
