@@ -18,7 +18,6 @@ use network_types::eth::EthHdr;
 use crate::{
     clock::Now,
     csum::{apply, diff16},
-    icmp::Refusal,
     maps::{BACKEND_HOPS, ROUTE_SCRATCH},
     parse::TcpPacket,
 };
@@ -66,6 +65,15 @@ impl Route {
     pub fn hop(&self) -> &NextHop {
         unsafe { &*self.hop }
     }
+}
+
+/// Why a packet of a flow is answered instead of forwarded.
+#[derive(Clone, Copy)]
+pub enum Refusal {
+    /// Bigger than the next hop's MTU, with DF set.
+    TooBig(u16),
+    /// TTL 1 or 0: forwarding would leave it at 0.
+    TtlExpired,
 }
 
 pub struct Sent {

@@ -14,24 +14,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     csum::{apply, diff16, diff32, fold, words},
-    forward,
-    parse::{IcmpError, TcpPacket},
+    forward::{self, Refusal},
+    parse::{IcmpError, TcpPacket, DEST_UNREACHABLE, FRAG_NEEDED, PROTO_ICMP, TIME_EXCEEDED},
 };
-
-pub const PROTO_ICMP: u8 = 1;
-pub const DEST_UNREACHABLE: u8 = 3;
-pub const FRAG_NEEDED: u8 = 4;
-pub const TIME_EXCEEDED: u8 = 11;
-
-/// The ICMP header: type, code, checksum, and four bytes that depend on the
-/// type (for fragmentation needed: unused, then the next hop's MTU).
-#[repr(C)]
-pub struct IcmpHdr {
-    pub kind: u8,
-    pub code: u8,
-    pub check: [u8; 2],
-    pub rest: [u8; 4],
-}
 
 /// What an answer quotes: the offending packet's IP header (without
 /// options) and the first 8 bytes of its TCP header — ports and sequence
@@ -39,15 +24,6 @@ pub struct IcmpHdr {
 const QUOTED: usize = Ipv4Hdr::LEN + 8;
 const ANSWER_IP_LEN: usize = Ipv4Hdr::LEN + 8 + QUOTED;
 const ANSWER_LEN: usize = EthHdr::LEN + ANSWER_IP_LEN;
-
-/// Why a packet of a flow is answered instead of forwarded.
-#[derive(Clone, Copy)]
-pub enum Refusal {
-    /// Bigger than the next hop's MTU, with DF set.
-    TooBig(u16),
-    /// TTL 1 or 0: forwarding would leave it at 0.
-    TtlExpired,
-}
 
 /// Turns `pkt`, as it arrived, into the ICMP error that answers it, from
 /// `from` (the address the sender reached the balancer at), and sends it

@@ -71,7 +71,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
             None if conntrack::is_service(&key) => key.daddr,
             None => return PASS,
         };
-        return answered(icmp::answer(ctx, &pkt, icmp::Refusal::TtlExpired, from));
+        return answered(icmp::answer(ctx, &pkt, forward::Refusal::TtlExpired, from));
     }
     let now = clock::now();
     let mut opened = None;

@@ -11,7 +11,6 @@ use aya_ebpf::{
 use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::icmp::{IcmpHdr, DEST_UNREACHABLE, PROTO_ICMP, TIME_EXCEEDED};
 
 const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.
@@ -162,6 +161,21 @@ extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
             0
         }
     }
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const DEST_UNREACHABLE: u8 = 3;
+pub const FRAG_NEEDED: u8 = 4;
+pub const TIME_EXCEEDED: u8 = 11;
+
+/// The ICMP header: type, code, checksum, and four bytes that depend on the
+/// type (for fragmentation needed: unused, then the next hop's MTU).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
 }
 
 /// An ICMP error (destination unreachable, time exceeded) that quotes a TCP
