@@ -165,10 +165,10 @@ pub fn refusal(pkt: &TcpPacket, route: &Route) -> Option<Refusal> {
 /// Sends the rewritten packet by `route`.
 #[inline(always)]
 pub fn send(pkt: &TcpPacket, route: &Route) -> Sent {
-    if route.too_big_for != 0 {
-        crate::stats::count(Counter::TooBigToKernel);
-    }
     if route.to_kernel() || route.too_big_for != 0 {
+        if route.too_big_for != 0 {
+            crate::stats::count(Counter::TooBigToKernel);
+        }
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
     decrement_ttl(pkt);
