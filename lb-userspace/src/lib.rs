@@ -20,6 +20,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod import;
 pub mod datapath;
 #[cfg(test)]
 mod fixtures;

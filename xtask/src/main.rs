@@ -54,9 +54,20 @@ enum Task {
     },
 }
 
-/// Debian packages the lab and tests use.
-const PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("ping", "iputils-ping"), ("hping3", "hping3"), ("bpftool", "bpftool")];
+/// Debian packages the lab and tests use: nginx checks the configurations
+/// `lb import nginx` reads, Prometheus scrapes the agent for the dashboard's
+/// queries, Chromium loads the status page.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("ping", "iputils-ping"),
+    ("hping3", "hping3"),
+    ("bpftool", "bpftool"),
+    ("/usr/sbin/nginx", "nginx-light"),
+    ("/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"),
+    ("/usr/bin/prometheus", "prometheus"),
+    ("/usr/bin/chromium", "chromium"),
+];
 /// What the end-to-end benchmark compares against, and its load generator
 /// (checked by a file each installs).
 const BENCH_PACKAGES: &[(&str, &str)] = &[
@@ -169,10 +180,22 @@ fn install_missing(packages: &[(&str, &str)]) -> Result<()> {
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
+        // The packages' own services (nginx, Prometheus) are not started:
+        // the tests start what they need in their namespaces.
+        let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+        let own_policy = !policy.exists();
+        if own_policy {
+            std::fs::write(policy, "#!/bin/sh\n# lb's setup: no service starts while it installs\nexit 101\n")?;
+            run(Command::new("chmod").args(["+x", "/usr/sbin/policy-rc.d"]))?;
+        }
+        let installed = run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if own_policy {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
     }
     Ok(())
 }

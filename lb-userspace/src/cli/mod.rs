@@ -87,6 +87,27 @@ enum Command {
         #[arg(long)]
         state: Option<String>,
     },
+    /// Print another balancer's configuration as an lb.toml.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// An nginx configuration (its includes followed): each upstream that a
+    /// stream or http server proxies to becomes a service on that server's
+    /// listen address. What has no layer-4 equivalent is listed, with its
+    /// file and line, on stderr and at the head of the output.
+    Nginx {
+        /// The main configuration file, as in /etc/nginx/nginx.conf.
+        path: PathBuf,
+        /// The VIP for listens that give only a port (or `*`).
+        #[arg(long)]
+        vip: Option<std::net::Ipv4Addr>,
+        /// An interface for `agent.interfaces` (repeat for several).
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,6 +221,18 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", render_spread(&spread, interval));
             }
+            Ok(())
+        }
+        Command::Import(ImportCommand::Nginx { path, vip, interfaces }) => {
+            let options = crate::import::nginx::Options { vip };
+            let (text, warnings) = crate::import::nginx::import(&path, &options, &interfaces)?;
+            for w in &warnings {
+                eprintln!("warning: {}: {}", w.at, w.text);
+            }
+            if interfaces.is_empty() {
+                eprintln!("note: set agent.interfaces (or give --interface) before running the agent");
+            }
+            print!("{text}");
             Ok(())
         }
         Command::Service(ServiceCommand::Add { name, vip, scheduler }) => client.add_service(ServiceConfig {

@@ -8,6 +8,7 @@ mod failover;
 mod faults;
 mod forwarding;
 mod hostile;
+mod import;
 mod metrics;
 mod path_mtu;
 mod reload;
