@@ -1,6 +1,7 @@
-//! Prometheus metrics: `GET /metrics` on the configured address, in the
+//! The metrics address: Prometheus metrics at `GET /metrics`, in the
 //! OpenMetrics text format, read from the data path's counters at each
-//! scrape (they are the kernel's; nothing is kept here).
+//! scrape (they are the kernel's; nothing is kept here); the live status
+//! page at `GET /`, and the status it shows at `GET /status.json`.
 use std::{
     net::SocketAddr,
     sync::{atomic::AtomicU64, Arc, Mutex},
@@ -69,22 +70,34 @@ async fn answer(mut conn: TcpStream, balancer: &Mutex<Balancer>) {
     }
     let first = String::from_utf8_lossy(&request);
     let path = first.split_whitespace().nth(1).unwrap_or("");
-    let response = if path == "/metrics" {
-        let body = {
-            let b = balancer.lock().unwrap();
-            b.status().map(|s| render(&s, b.expired_total))
-        };
-        match body {
-            Ok(body) => format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ),
-            Err(e) => format!("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{e:#}\n"),
+    let response = match path {
+        "/metrics" => {
+            let body = {
+                let b = balancer.lock().unwrap();
+                b.status().map(|s| render(&s, b.expired_total))
+            };
+            body.map(|body| ok("application/openmetrics-text; version=1.0.0; charset=utf-8", &body))
         }
-    } else {
-        "HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\nConnection: close\r\n\r\nmetrics are at /metrics".into()
+        "/status.json" => {
+            let body = balancer.lock().unwrap().status().and_then(|s| Ok(serde_json::to_string(&s)?));
+            body.map(|body| ok("application/json", &body))
+        }
+        "/" => Ok(ok("text/html; charset=utf-8", STATUS_PAGE)),
+        _ => Ok("HTTP/1.1 404 Not Found\r\nContent-Length: 49\r\nConnection: close\r\n\r\nthe status page is at /, the metrics at /metrics\n".into()),
     };
+    let response = response
+        .unwrap_or_else(|e| format!("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{e:#}\n"));
     let _ = conn.write_all(response.as_bytes()).await;
+}
+
+/// The live status page (`GET /`): self-contained, it reads `/status.json`.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+fn ok(content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {

@@ -13,3 +13,4 @@ mod metrics;
 mod path_mtu;
 mod reload;
 mod restart;
+mod status_page;

@@ -90,7 +90,7 @@ fn the_metrics_agree_with_the_traffic_sent() {
         assert_eq!(of("lb_backend_bytes_total", "to_backend"), b["bytes_in"].as_f64().unwrap());
         assert!(of("lb_backend_packets_total", "to_client") > 0.0, "{backend} answered");
     }
-    assert!(get(&lab, "/").starts_with("HTTP/1.1 404"));
+    assert!(get(&lab, "/nothing-here").starts_with("HTTP/1.1 404"));
     for h in &held {
         h.close().unwrap();
     }
