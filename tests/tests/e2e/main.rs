@@ -4,6 +4,7 @@
 mod aging;
 mod balancing;
 mod cli;
+mod dashboard;
 mod failover;
 mod faults;
 mod forwarding;
