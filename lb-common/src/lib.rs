@@ -12,12 +12,14 @@ pub mod expire;
 pub mod flow;
 pub mod service;
 pub mod stats;
+pub mod trace;
 
 pub use clock::*;
 pub use expire::*;
 pub use flow::*;
 pub use service::*;
 pub use stats::*;
+pub use trace::*;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -31,7 +33,7 @@ mod pod {
     }
     pod!(
         ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts,
-        ExpireRequest, Clock, NextHop, BackendHop, RingCursor
+        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget
     );
 }
 

@@ -428,6 +428,12 @@ pub fn is_service(key: &FlowKey) -> bool {
     service_of(key).is_some()
 }
 
+/// The id of the service `key` is addressed to, or `TRACE_ANY_SERVICE`.
+#[inline(always)]
+pub fn service_id(key: &FlowKey) -> u32 {
+    service_of(key).map_or(lb_common::TRACE_ANY_SERVICE, |s| s.id)
+}
+
 /// A SYN to open a flow: choose a backend and record the flow both ways.
 /// `existing` is the forward entry on the same 5-tuple, if any: a closed
 /// flow whose ports are reused, or (with `avoid` set to its slot, otherwise

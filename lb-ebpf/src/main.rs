@@ -16,6 +16,7 @@ mod parse;
 mod reset;
 mod schedule;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
@@ -82,6 +83,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                     if avoid != NO_SLOT {
                         stats::count(Counter::SynRetried);
                     }
+                    trace::opened(ctx, &key, &flow);
                     opened = Some(flow);
                 }
                 Opened::NoOtherBackend => {}
@@ -89,6 +91,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 Opened::Drop(reason) => {
                     if let Some(reason) = reason {
                         stats::count(reason);
+                        trace::dropped(ctx, &key, || conntrack::service_id(&key), true, reason);
                     }
                     return DROP;
                 }
@@ -109,6 +112,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                 }
                 conntrack::Tracked::Drop(reason) => {
                     stats::count(reason);
+                    trace::dropped(ctx, &key, || unsafe { (*entry).service } as u32, pkt.is_syn(), reason);
                     return DROP;
                 }
             }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ActiveCounts, BackendHop, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
-    ServiceKey,
+    ServiceKey, TraceBudget, TraceConfig,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 
@@ -69,3 +69,11 @@ pub struct RouteScratch {
 
 #[map]
 pub static ROUTE_SCRATCH: PerCpuArray<RouteScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `lb trace` asks to be logged; written by the agent, not pinned.
+#[map]
+pub static TRACE: Array<TraceConfig> = Array::with_max_entries(1, 0);
+
+/// Each CPU's use of the trace's budget of lines per second.
+#[map]
+pub static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);

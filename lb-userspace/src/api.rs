@@ -18,6 +18,18 @@ pub enum Request {
     BackendRemove { service: String, address: SocketAddrV4 },
     BackendWeight { service: String, address: SocketAddrV4, weight: u32 },
     BackendAdmin { service: String, address: SocketAddrV4, admin: Admin },
+    /// Switches `lb trace` on with these filters (or keeps it on: each
+    /// call renews it for `reconcile::trace::LEASE`) and returns the lines
+    /// after sequence number `after`.
+    Trace {
+        #[serde(default)]
+        service: Option<String>,
+        #[serde(default)]
+        client: Option<std::net::Ipv4Addr>,
+        per_second: u32,
+        after: u64,
+    },
+    TraceStop,
     /// Re-read the config file and apply the difference.
     Reload,
     /// Take the data path off and stop the agent.
@@ -28,7 +40,15 @@ impl Request {
     /// Whether carrying it out changes what the agent runs (and so what a
     /// restarted agent must take back).
     pub fn changes_state(&self) -> bool {
-        !matches!(self, Request::Status | Request::Conntrack | Request::Reload | Request::Shutdown)
+        !matches!(
+            self,
+            Request::Status
+                | Request::Conntrack
+                | Request::Trace { .. }
+                | Request::TraceStop
+                | Request::Reload
+                | Request::Shutdown
+        )
     }
 }
 
@@ -202,4 +222,13 @@ pub struct FlowStatus {
     pub backend: String,
     pub state: FlowState,
     pub idle_seconds: f64,
+}
+
+/// What `Request::Trace` returns: the data path's trace lines after the
+/// caller's last, each with its sequence number.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TraceLines {
+    pub lines: Vec<(u64, String)>,
+    /// Lines the data path left out for its budget, since it was loaded.
+    pub suppressed: u64,
 }

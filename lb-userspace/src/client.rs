@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    api::{Admin, FlowStatus, Request, Response, Status},
+    api::{Admin, FlowStatus, Request, Response, Status, TraceLines},
     config::{BackendConfig, ServiceConfig},
 };
 
@@ -41,6 +41,15 @@ impl Client {
             bail!("{}", response.error.unwrap_or_else(|| "the agent refused the request".into()));
         }
         Ok(response.result)
+    }
+
+    /// Switches the trace on (or renews it) and reads its lines after `after`.
+    pub fn trace(&self, service: Option<String>, client: Option<std::net::Ipv4Addr>, per_second: u32, after: u64) -> Result<TraceLines> {
+        Ok(serde_json::from_value(self.call(&Request::Trace { service, client, per_second, after })?)?)
+    }
+
+    pub fn stop_trace(&self) -> Result<()> {
+        self.call(&Request::TraceStop).map(drop)
     }
 
     pub fn status(&self) -> Result<Status> {

@@ -87,6 +87,24 @@ enum Command {
         #[arg(long)]
         state: Option<String>,
     },
+    /// A live log of the data path's decisions on new flows (the backend
+    /// chosen, its load, how many were eligible) and of its drops (with the
+    /// reason), for as long as it runs. Rate-limited in the data path; the
+    /// agent's log gets the same lines. Off again when it stops.
+    Trace {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this client's flows (an address).
+        #[arg(long)]
+        client: Option<std::net::Ipv4Addr>,
+        /// Lines each CPU may log per second; more are counted, not shown.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Stop after this many seconds (default: until interrupted).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
     /// Print another balancer's configuration as an lb.toml.
     #[command(subcommand)]
     Import(ImportCommand),
@@ -223,6 +241,12 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Trace { service, client: from, rate, duration } => {
+            if let Some(d) = duration {
+                seconds("--duration", d, 0.0, MAX_TIMEOUT)?;
+            }
+            trace(&client, service, from, rate, duration)
+        }
         Command::Import(ImportCommand::Nginx { path, vip, interfaces }) => {
             let options = crate::import::nginx::Options { vip };
             let (text, warnings) = crate::import::nginx::import(&path, &options, &interfaces)?;
@@ -314,6 +338,51 @@ fn conntrack(
         );
     }
     Ok(())
+}
+
+/// Set by SIGINT and SIGTERM: `lb trace` stops and switches the trace off.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn interrupted(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn trace(
+    client: &Client,
+    service: Option<String>,
+    from: Option<std::net::Ipv4Addr>,
+    rate: u32,
+    duration: Option<f64>,
+) -> Result<()> {
+    unsafe {
+        libc::signal(libc::SIGINT, interrupted as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, interrupted as *const () as libc::sighandler_t);
+    }
+    let end = duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let mut after = 0;
+    let mut first = true;
+    let result = loop {
+        let got = match client.trace(service.clone(), from, rate, after) {
+            Ok(got) => got,
+            Err(e) => break Err(e),
+        };
+        if first {
+            eprintln!("tracing new flows and drops ({rate} lines per second and CPU at most); Ctrl-C stops");
+            first = false;
+        }
+        for (seq, line) in got.lines {
+            println!("{line}");
+            after = seq;
+        }
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) || end.is_some_and(|e| Instant::now() >= e) {
+            eprintln!("{} lines left out for the rate limit since the program was loaded", got.suppressed);
+            break Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Off again now rather than when the lease runs out.
+    let stopped = client.stop_trace();
+    result.and(stopped)
 }
 
 fn watch(client: &Client, interval: f64, count: Option<u64>) -> Result<()> {

@@ -5,7 +5,7 @@ use std::{cell::RefCell, collections::BTreeMap, net::SocketAddrV4};
 
 use anyhow::{bail, Result};
 use lb_common::{
-    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Timeouts, COUNTER_COUNT,
+    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Timeouts, TraceConfig, COUNTER_COUNT,
     DIR_FORWARD, MAX_BACKENDS,
 };
 
@@ -26,6 +26,9 @@ pub struct FakeMaps {
     pub writes: u64,
     /// Writes fail from this count on (`None`: never).
     pub fail_after_writes: Option<u64>,
+    /// What `lb trace` asked for, and lines a test has the data path write.
+    pub trace: TraceConfig,
+    pub trace_lines: Vec<String>,
 }
 
 impl FakeMaps {
@@ -42,6 +45,8 @@ impl FakeMaps {
             resets: RefCell::new(Vec::new()),
             writes: 0,
             fail_after_writes: None,
+            trace: TraceConfig::default(),
+            trace_lines: Vec::new(),
         }
     }
 
@@ -138,5 +143,19 @@ impl super::Maps for FakeMaps {
 
     fn now_ticks(&self) -> Result<u64> {
         Ok(0)
+    }
+
+    fn set_trace(&mut self, config: TraceConfig) -> Result<()> {
+        self.write()?;
+        self.trace = config;
+        Ok(())
+    }
+
+    fn read_trace(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.trace_lines)
+    }
+
+    fn trace_suppressed(&self) -> u64 {
+        0
     }
 }

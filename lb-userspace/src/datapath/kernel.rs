@@ -5,6 +5,7 @@ use std::{
     net::SocketAddrV4,
     os::fd::{AsFd, AsRawFd},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -20,7 +21,7 @@ use aya::{
 };
 use lb_common::{
     backend_index, ActiveCounts, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
-    ServiceKey, Timeouts, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
+    ServiceKey, Timeouts, TraceBudget, TraceConfig, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
     MAX_SERVICES,
 };
 
@@ -46,6 +47,10 @@ pub struct Datapath {
     clock: Clock,
     /// Entries of each CPU's ring of recently opened flows.
     opened_ring: u32,
+    /// The program's `lb trace` records (aya-log), and the lines read from
+    /// them.
+    trace_log: Option<aya_log::EbpfLogger<TraceSink>>,
+    trace_lines: Arc<Mutex<Vec<String>>>,
 }
 
 /// The maps that are pinned — the state a new agent takes over — with the
@@ -170,6 +175,14 @@ impl Datapath {
                 .try_into()?;
             prog.load().with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
+        let trace_lines = Arc::new(Mutex::new(Vec::new()));
+        let trace_log = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, TraceSink(trace_lines.clone())) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("`lb trace` will show nothing: the program's log is not readable ({e})");
+                None
+            }
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
         };
@@ -195,6 +208,8 @@ impl Datapath {
             max_services,
             clock: Clock::default(),
             opened_ring,
+            trace_log,
+            trace_lines,
             ebpf,
         };
         datapath.set_clock()?;
@@ -456,4 +471,45 @@ impl Maps for Datapath {
     fn now_ticks(&self) -> Result<u64> {
         Ok(self.read_clock()?.0)
     }
+
+    fn set_trace(&mut self, config: TraceConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, TraceConfig> =
+            Array::try_from(self.ebpf.map_mut("TRACE").context("map TRACE missing from the object")?)?;
+        map.set(0, config, 0)?;
+        Ok(())
+    }
+
+    fn read_trace(&mut self) -> Vec<String> {
+        if let Some(logger) = &mut self.trace_log {
+            logger.flush();
+        }
+        std::mem::take(&mut *self.trace_lines.lock().unwrap())
+    }
+
+    fn trace_suppressed(&self) -> u64 {
+        let Some(map) = self.ebpf.map("TRACE_BUDGET") else { return 0 };
+        let Ok(budget) = PerCpuArray::<&MapData, TraceBudget>::try_from(map) else { return 0 };
+        budget.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().map(|b| b.suppressed as u64).sum())
+    }
+}
+
+/// Where the program's aya-log records go: lines for the agent to log and
+/// hand to `lb trace`.
+struct TraceSink(Arc<Mutex<Vec<String>>>);
+
+impl log::Log for TraceSink {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let line = record.args().to_string();
+        let mut lines = self.0.lock().unwrap();
+        // Bounded, should no one read them.
+        if lines.len() < 100_000 {
+            lines.push(line);
+        }
+    }
+
+    fn flush(&self) {}
 }

@@ -10,7 +10,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::Result;
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, ServiceKey, COUNTER_COUNT, DIR_FORWARD, PROTO_TCP,
+    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, ServiceKey, TraceConfig, COUNTER_COUNT, DIR_FORWARD,
+    PROTO_TCP,
 };
 
 pub use self::{fake::FakeMaps, kernel::Datapath, pins::Pins};
@@ -54,6 +55,13 @@ pub trait Maps {
     /// The data path's clock, and its time now in ticks.
     fn clock(&self) -> Clock;
     fn now_ticks(&self) -> Result<u64>;
+
+    /// Tells the data path what `lb trace` wants logged (`on` 0: nothing).
+    fn set_trace(&mut self, config: TraceConfig) -> Result<()>;
+    /// The trace lines the data path has written since the last call.
+    fn read_trace(&mut self) -> Vec<String>;
+    /// Trace lines left out for the per-CPU budget, summed over CPUs.
+    fn trace_suppressed(&self) -> u64;
 
     /// Forward entries in the table: the number of flows.
     fn flow_count(&self) -> usize {

@@ -7,6 +7,7 @@
 //! request or reload leaves the running state exactly as it was. Writes are
 //! differences: a service's backend set is written only when it changed.
 mod status;
+pub mod trace;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -39,6 +40,7 @@ pub struct Balancer<M: Maps = Datapath> {
     /// Flows in the table at the last aging scan.
     pub flows_seen: u64,
     counted_by_aging: bool,
+    tracer: trace::Tracer,
 }
 
 impl<M: Maps> Balancer<M> {
@@ -51,6 +53,7 @@ impl<M: Maps> Balancer<M> {
             expired_total: 0,
             flows_seen: 0,
             counted_by_aging: false,
+            tracer: trace::Tracer::default(),
         }
     }
 

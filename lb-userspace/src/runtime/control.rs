@@ -122,6 +122,13 @@ pub fn handle(balancer: &mut Balancer, request: Request) -> Response {
                 tracing::info!(%service, backend = %address, ?admin, "backend admin state changed");
                 serde_json::to_value(balancer.active_of(&service, address))?
             }
+            Request::Trace { service, client, per_second, after } => {
+                serde_json::to_value(balancer.trace(service.as_deref(), client, per_second, after)?)?
+            }
+            Request::TraceStop => {
+                balancer.stop_trace()?;
+                serde_json::Value::Null
+            }
             Request::Reload | Request::Shutdown => bail!("only the agent's loop handles this request"),
         })
     })();

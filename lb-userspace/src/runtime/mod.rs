@@ -191,6 +191,7 @@ async fn event_loop(config: Config, options: Options, pins: &Pins, balancer: Bal
                 if let Err(e) = b.tick() {
                     tracing::warn!("updating backend states failed: {e:#}");
                 }
+                b.trace_tick();
                 persist.save(&b.model);
                 checkers.reconcile(b.check_targets(), &check_results);
             }

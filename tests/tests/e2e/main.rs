@@ -15,3 +15,4 @@ mod path_mtu;
 mod reload;
 mod restart;
 mod status_page;
+mod trace;

@@ -14,7 +14,7 @@ use lb::{
     config::Scheduler,
     datapath::{Maps, XDP_PASS, XDP_REDIRECT},
 };
-use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{Counter, TraceConfig, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERVICE};
 
 use crate::targets::Check;
 use lb_tests::{
@@ -39,12 +39,17 @@ struct Row {
 /// Times every frame through the balancer, each call next to a call of the
 /// floor program, so both see the same moment of a noisy machine.
 fn time(b: &Balancer, frames: &[Vec<u8>], verdict: u32) -> Row {
+    time_each(frames, verdict, |frame, floor| b.datapath.time_packet(frame, 1, floor).expect("BPF_PROG_TEST_RUN"))
+}
+
+/// The same through `run(frame, floor)`: (verdict, ns).
+fn time_each(frames: &[Vec<u8>], verdict: u32, mut run: impl FnMut(&[u8], bool) -> (u32, f64)) -> Row {
     let floor_frame = not_for_us();
     let mut samples = Vec::with_capacity(frames.len());
     let mut floor = Vec::with_capacity(frames.len());
     for f in frames {
-        floor.push(b.datapath.time_packet(&floor_frame, 1, true).expect("BPF_PROG_TEST_RUN").1);
-        let (got, ns) = b.datapath.time_packet(f, 1, false).expect("BPF_PROG_TEST_RUN");
+        floor.push(run(&floor_frame, true).1);
+        let (got, ns) = run(f, false);
         assert_eq!(got, verdict, "a run took another path than the one measured");
         samples.push(ns);
     }
@@ -132,6 +137,23 @@ pub fn run() -> (String, Vec<Check>) {
             let before = new_flows(&b);
             add(&case, time(&b, &syns(0, CALLS), XDP_REDIRECT));
             assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
+        }
+        // `lb trace` on, every SYN logged (a line and its three eligible
+        // backends' loads), the log read between calls as the agent does.
+        let case = "new flow (SYN), 3 backends, lb trace on";
+        if wanted(case) {
+            let mut b = balancer(&[1, 1, 1], 1_000_000);
+            let all = TraceConfig { on: 1, service: TRACE_ANY_SERVICE, client: 0, per_second: 1_000_000 };
+            b.datapath.set_trace(all).unwrap();
+            let mut lines = 0;
+            let row = time_each(&syns(0, CALLS), XDP_REDIRECT, |frame, floor| {
+                let timed = b.datapath.time_packet(frame, 1, floor).expect("BPF_PROG_TEST_RUN");
+                lines += b.datapath.read_trace().len();
+                timed
+            });
+            assert_eq!(lines, 4 * CALLS, "every SYN logged its line and its three backends");
+            add(case, row);
+            b.datapath.set_trace(TraceConfig::default()).unwrap();
         }
         let case = "new flow (SYN), 256 backends, random_two_least_conn";
         if wanted(case) {
