@@ -23,17 +23,19 @@ pub struct FlowKey {
 
 impl FlowKey {
     /// The key of the reply entry of the forward flow `self` → `forward`:
-    /// the backend (`forward.nat_*`) answering the client.
+    /// the backend (`forward.nat_*`) answering whom it sees as its client
+    /// (`forward.peer_*`: the client itself, or in full NAT the balancer's
+    /// address and port).
     #[inline(always)]
     pub const fn reply(&self, forward: &Flow) -> FlowKey {
-        FlowKey { saddr: forward.nat_addr, daddr: self.saddr, sport: forward.nat_port, dport: self.sport }
+        FlowKey { saddr: forward.nat_addr, daddr: forward.peer_addr, sport: forward.nat_port, dport: forward.peer_port }
     }
 
     /// The key of the forward entry of the reply flow `self` → `reply`: the
     /// client (`self`'s destination) sending to the VIP (`reply.nat_*`).
     #[inline(always)]
     pub const fn forward(&self, reply: &Flow) -> FlowKey {
-        FlowKey { saddr: self.daddr, daddr: reply.nat_addr, sport: self.dport, dport: reply.nat_port }
+        FlowKey { saddr: reply.peer_addr, daddr: reply.nat_addr, sport: reply.peer_port, dport: reply.nat_port }
     }
 }
 
@@ -101,7 +103,8 @@ pub struct Flow {
     pub state: u32,
     pub service: u16,
     pub slot: u16,
-    /// Forward: the backend address; reply: the VIP.
+    /// Forward: the backend, the new destination; reply: the VIP, the new
+    /// source.
     pub nat_addr: u32,
     pub nat_port: u16,
     pub direction: u8,
@@ -111,6 +114,12 @@ pub struct Flow {
     /// computed once when the flow is created.
     pub ip_csum_diff: u16,
     pub l4_csum_diff: u16,
+    /// The other end the rewrite sets. Forward: the source the backend sees
+    /// (the client itself in nat mode; the balancer's address and port in
+    /// full NAT); reply: the client, the destination.
+    pub peer_addr: u32,
+    pub peer_port: u16,
+    pub _pad: u16,
     /// What this direction's sender has sent, acknowledged and offered, as
     /// seen here: its next sequence number (SND.NXT), the last number it
     /// acknowledged (its RCV.NXT), and the largest receive window it offered,
@@ -245,10 +254,20 @@ mod tests {
     #[test]
     fn reply_and_forward_keys_mirror_each_other() {
         let client = FlowKey { saddr: 1, daddr: 2, sport: 3, dport: 4 };
-        let forward = Flow { nat_addr: 9, nat_port: 8, direction: DIR_FORWARD, ..Flow::default() };
-        let reply_key = client.reply(&forward);
-        assert_eq!(reply_key, FlowKey { saddr: 9, daddr: 1, sport: 8, dport: 3 });
-        let reply = Flow { nat_addr: client.daddr, nat_port: client.dport, direction: DIR_REPLY, ..Flow::default() };
-        assert_eq!(reply_key.forward(&reply), client);
+        // nat: the backend sees the client; full NAT: the balancer (7:6).
+        for (peer_addr, peer_port) in [(1, 3), (7, 6)] {
+            let forward = Flow { nat_addr: 9, nat_port: 8, peer_addr, peer_port, direction: DIR_FORWARD, ..Flow::default() };
+            let reply_key = client.reply(&forward);
+            assert_eq!(reply_key, FlowKey { saddr: 9, daddr: peer_addr, sport: 8, dport: peer_port });
+            let reply = Flow {
+                nat_addr: client.daddr,
+                nat_port: client.dport,
+                peer_addr: client.saddr,
+                peer_port: client.sport,
+                direction: DIR_REPLY,
+                ..Flow::default()
+            };
+            assert_eq!(reply_key.forward(&reply), client);
+        }
     }
 }

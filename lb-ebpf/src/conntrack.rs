@@ -47,7 +47,7 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, SERVICES},
+    maps::{ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, SERVICES},
     nat::csum_diffs,
     parse::{window_scale, TcpPacket},
     schedule, stats,
@@ -408,7 +408,9 @@ fn count_unanswered(forward: *const Flow) {
 }
 
 pub enum Opened {
-    Flow(Flow),
+    /// The new flow's forward entry, in this CPU's scratch (valid for this
+    /// packet).
+    Flow(*const Flow),
     NotAService,
     /// Asked to avoid the flow's backend, and no other can take it.
     NoOtherBackend,
@@ -454,14 +456,25 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let backend = choice.backend;
     let service = service_id as u16;
+    // The two entries are built in this CPU's scratch, not on the stack,
+    // which has no room for them.
+    let Some(scratch) = OPEN_SCRATCH.get_ptr_mut(0) else {
+        return Opened::Drop(None);
+    };
+    let scratch = unsafe { &mut *scratch };
 
-    let (ip_diff, l4_diff) = csum_diffs(key.daddr, key.dport, backend.addr, backend.port);
-    let mut forward = Flow {
+    // What the backend sees as the client: the client itself (nat).
+    let (peer_addr, peer_port) = (key.saddr, key.sport);
+    let (ip_diff, l4_diff) =
+        csum_diffs((key.daddr, key.dport), (backend.addr, backend.port), (key.saddr, key.sport), (peer_addr, peer_port));
+    scratch.forward = Flow {
         state: 0,
         service,
         slot: choice.slot,
         nat_addr: backend.addr,
         nat_port: backend.port,
+        peer_addr,
+        peer_port,
         direction: DIR_FORWARD,
         wscale: window_scale(ctx, pkt),
         ip_csum_diff: ip_diff,
@@ -472,7 +485,8 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         last_seen: now,
         ..Flow::default()
     };
-    let reply_key = key.reply(&forward);
+    let forward = &mut scratch.forward;
+    let reply_key = key.reply(forward);
     if let Some(other) = FLOWS.get_ptr(&reply_key) {
         // The backend would see this flow on the ports of one it has: two
         // services sharing a backend, a client using one source port for
@@ -486,17 +500,22 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             }
         }
     }
-    let (ip_diff, l4_diff) = csum_diffs(backend.addr, backend.port, key.daddr, key.dport);
-    let reply = Flow {
+    let (ip_diff, l4_diff) =
+        csum_diffs((backend.addr, backend.port), (key.daddr, key.dport), (peer_addr, peer_port), (key.saddr, key.sport));
+    scratch.reply = Flow {
         service,
         slot: choice.slot,
         nat_addr: key.daddr,
         nat_port: key.dport,
+        peer_addr: key.saddr,
+        peer_port: key.sport,
         direction: DIR_REPLY,
         ip_csum_diff: ip_diff,
         l4_csum_diff: l4_diff,
         ..Flow::default()
     };
+    let forward = &mut scratch.forward;
+    let reply = &scratch.reply;
 
     match existing {
         Some(entry) => {
@@ -518,12 +537,12 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             if old_reply_key != reply_key {
                 let _ = FLOWS.remove(&old_reply_key);
             }
-            unsafe { *entry = forward };
+            unsafe { *entry = *forward };
         }
         None => {
-            let mut inserted = FLOWS.insert(key, &forward, BPF_NOEXIST as u64);
+            let mut inserted = FLOWS.insert(key, &*forward, BPF_NOEXIST as u64);
             if matches!(inserted, Err(e) if e != -EEXIST) && make_room(now) {
-                inserted = FLOWS.insert(key, &forward, BPF_NOEXIST as u64);
+                inserted = FLOWS.insert(key, &*forward, BPF_NOEXIST as u64);
             }
             if let Err(e) = inserted {
                 // EEXIST: another CPU opened the same flow a moment ago.
@@ -533,9 +552,9 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     }
     assign(service, choice.slot);
     remember(key);
-    let mut inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
+    let mut inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
     if inserted.is_err() && make_room(now) {
-        inserted = FLOWS.insert(&reply_key, &reply, BPF_ANY as u64);
+        inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
     }
     if inserted.is_err() {
         // Without its reply entry the flow cannot work: close it again.
@@ -544,7 +563,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         }
         return Opened::Drop(Some(Counter::TableFull));
     }
-    Opened::Flow(forward)
+    Opened::Flow(&scratch.forward)
 }
 
 /// Ring entries one search for room looks at, at most.

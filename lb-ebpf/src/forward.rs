@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{backend_index, BackendHop, Counter, Flow, FlowKey, NextHop, DIR_FORWARD, PROTO_TCP};
+use lb_common::{backend_index, BackendHop, Counter, Flow, NextHop, DIR_FORWARD, PROTO_TCP};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -81,12 +81,12 @@ pub struct Sent {
     pub counter: Counter,
 }
 
-/// The route of a packet of `flow` (found by `key`), `flow`'s own next hop
+/// The route of a packet of `flow`, `flow`'s own next hop
 /// if fresh. A forward packet without one takes its backend's, so route
 /// lookups happen about once a second per backend and per client, not per
 /// flow both ways.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, flow: &Flow, now: &Now) -> Route {
+pub fn route(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, now: &Now) -> Route {
     let len = pkt.ip_len();
     if fresh(&flow.hop, now) {
         return fits(Route::via(&flow.hop, false), len);
@@ -101,7 +101,7 @@ pub fn route(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, flow: &Flow, now:
         }
     }
     // Where the packet goes once rewritten.
-    let (src, dst) = if flow.direction == DIR_FORWARD { (key.saddr, flow.nat_addr) } else { (flow.nat_addr, key.daddr) };
+    let (src, dst) = if flow.direction == DIR_FORWARD { (flow.peer_addr, flow.nat_addr) } else { (flow.nat_addr, flow.peer_addr) };
     let route = lookup(ctx, src, dst, now.ticks);
     if let (false, Some(shared)) = (route.to_kernel(), backend_hop) {
         unsafe { *shared = BackendHop { addr: flow.nat_addr, _pad: 0, hop: *route.hop() } };

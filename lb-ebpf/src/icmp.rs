@@ -133,40 +133,45 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
     let Some(entry) = crate::conntrack::lookup(&key) else {
         return PASS;
     };
-    let flow = unsafe { *entry };
+    let flow = unsafe { &*entry };
     if ip.ttl <= 1 {
         crate::stats::count(Counter::IcmpNotSent);
         return XDP_DROP;
     }
 
-    // The quote: the address and port the flow's rewrite changes, and the
-    // quoted checksums, which change by what the rewrite of a packet of this
-    // entry's direction changes.
+    // The quote: both ends as the flow's rewrite sets them, and the quoted
+    // checksums, which change by what the rewrite of a packet of this
+    // entry's direction changes. The outer header goes where the quote's
+    // source now is; in full NAT it comes from the balancer's address, the
+    // only one the backend knows.
     let old_inner_check = u16::from_ne_bytes(inner.check);
     let new_inner_check = apply(old_inner_check, flow.ip_csum_diff);
     inner.check = new_inner_check.to_ne_bytes();
     let mut icmp_sum = diff16(old_inner_check, new_inner_check);
-    let (old_addr, old_port);
-    let outer_old;
+    let (outer_src, outer_dst) = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
+    let (new_src, new_dst);
     if flow.direction == DIR_FORWARD {
-        old_addr = quoted.saddr;
-        old_port = quoted.sport;
+        icmp_sum += diff32(quoted.saddr, flow.nat_addr) + diff16(quoted.sport, flow.nat_port);
+        icmp_sum += diff32(quoted.daddr, flow.peer_addr) + diff16(quoted.dport, flow.peer_port);
         inner.src_addr = flow.nat_addr.to_ne_bytes();
         ports[0..2].copy_from_slice(&flow.nat_port.to_ne_bytes());
-        outer_old = u32::from_ne_bytes(ip.dst_addr);
-        ip.dst_addr = flow.nat_addr.to_ne_bytes();
+        inner.dst_addr = flow.peer_addr.to_ne_bytes();
+        ports[2..4].copy_from_slice(&flow.peer_port.to_ne_bytes());
+        new_dst = flow.nat_addr;
+        new_src = if flow.peer_addr != quoted.daddr { flow.peer_addr } else { outer_src };
     } else {
-        old_addr = quoted.daddr;
-        old_port = quoted.dport;
+        icmp_sum += diff32(quoted.daddr, flow.nat_addr) + diff16(quoted.dport, flow.nat_port);
+        icmp_sum += diff32(quoted.saddr, flow.peer_addr) + diff16(quoted.sport, flow.peer_port);
         inner.dst_addr = flow.nat_addr.to_ne_bytes();
         ports[2..4].copy_from_slice(&flow.nat_port.to_ne_bytes());
+        inner.src_addr = flow.peer_addr.to_ne_bytes();
+        ports[0..2].copy_from_slice(&flow.peer_port.to_ne_bytes());
+        new_dst = flow.peer_addr;
         // From the backend itself: it now comes from the VIP.
-        outer_old = u32::from_ne_bytes(ip.src_addr);
-        if outer_old == quoted.daddr {
-            ip.src_addr = flow.nat_addr.to_ne_bytes();
-        }
+        new_src = if outer_src == quoted.daddr { flow.nat_addr } else { outer_src };
     }
-    icmp_sum += diff32(old_addr, flow.nat_addr) + diff16(old_port, flow.nat_port);
+    ip.src_addr = new_src.to_ne_bytes();
+    ip.dst_addr = new_dst.to_ne_bytes();
     if let Some(check) = err.inner_check {
         let check = unsafe { &mut *check };
         let old = u16::from_ne_bytes(*check);
@@ -176,11 +181,11 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
     }
     let icmp = unsafe { &mut *err.icmp };
     icmp.check = apply(u16::from_ne_bytes(icmp.check), fold(icmp_sum)).to_ne_bytes();
-    let outer_new =
-        if flow.direction == DIR_FORWARD { u32::from_ne_bytes(ip.dst_addr) } else { u32::from_ne_bytes(ip.src_addr) };
     let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
-    let ip_sum = diff32(outer_old, outer_new) + diff16(old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
+    let ip_sum = diff32(outer_src, new_src)
+        + diff32(outer_dst, new_dst)
+        + diff16(old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
     ip.check = apply(u16::from_ne_bytes(ip.check), fold(ip_sum)).to_ne_bytes();
     crate::stats::count(Counter::IcmpTranslated);
 

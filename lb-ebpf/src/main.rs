@@ -83,7 +83,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
                     if avoid != NO_SLOT {
                         stats::count(Counter::SynRetried);
                     }
-                    trace::opened(ctx, &key, &flow);
+                    trace::opened(ctx, &key, unsafe { &*flow });
                     opened = Some(flow);
                 }
                 Opened::NoOtherBackend => {}
@@ -99,7 +99,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
         }
     }
     let (flow, entry): (&Flow, _) = match (&opened, existing) {
-        (Some(flow), _) => (flow, None),
+        (Some(flow), _) => (unsafe { &**flow }, None),
         (None, Some(entry)) => {
             if conntrack::answer_with_reset(unsafe { &*entry }) && pkt.flags & lb_common::TCP_RST == 0 {
                 return answered(reset::answer(ctx, &pkt));
@@ -127,7 +127,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
 
     // Route, before the rewrite: a packet too big for the route, with DF,
     // is answered about as its sender sent it.
-    let route = forward::route(ctx, &pkt, &key, flow, &now);
+    let route = forward::route(ctx, &pkt, flow, &now);
     if let Some(refusal) = forward::refusal(&pkt, &route) {
         return answered(icmp::answer(ctx, &pkt, refusal, icmp::our_address(&key, flow)));
     }

@@ -77,3 +77,14 @@ pub static TRACE: Array<TraceConfig> = Array::with_max_entries(1, 0);
 /// Each CPU's use of the trace's budget of lines per second.
 #[map]
 pub static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's room for the two entries of a flow being opened, which the
+/// packet path's stack has no room for. Not pinned.
+#[repr(C)]
+pub struct OpenScratch {
+    pub forward: Flow,
+    pub reply: Flow,
+}
+
+#[map]
+pub static OPEN_SCRATCH: PerCpuArray<OpenScratch> = PerCpuArray::with_max_entries(1, 0);
