@@ -39,6 +39,13 @@ impl FlowKey {
     }
 }
 
+/// The backend sees the client's own address (it routes replies through the
+/// balancer).
+pub const MODE_NAT: u8 = 0;
+/// The backend sees the balancer's address and a port of its own for each
+/// flow, so it needs no route to the clients.
+pub const MODE_FULLNAT: u8 = 1;
+
 /// Client to VIP: the destination is rewritten to the backend.
 pub const DIR_FORWARD: u8 = 0;
 /// Backend to client: the source is rewritten to the VIP.
@@ -119,7 +126,9 @@ pub struct Flow {
     /// full NAT); reply: the client, the destination.
     pub peer_addr: u32,
     pub peer_port: u16,
-    pub _pad: u16,
+    /// `MODE_*`, set when the flow opens.
+    pub mode: u8,
+    pub _pad: u8,
     /// What this direction's sender has sent, acknowledged and offered, as
     /// seen here: its next sequence number (SND.NXT), the last number it
     /// acknowledged (its RCV.NXT), and the largest receive window it offered,
@@ -205,8 +214,17 @@ pub const fn flow_last_active(state: u32, client_seen: u64, backend_seen: u64) -
 /// Which timeout applies to a flow, from its forward state. Shared so the
 /// agent's scan and the expire program agree on what is idle.
 #[inline(always)]
-pub const fn flow_timeout(t: &Timeouts, state: u32) -> u64 {
-    if flow_closed(state) {
+pub const fn flow_timeout(t: &Timeouts, state: u32, mode: u8) -> u64 {
+    if flow_closed(state) && mode == MODE_FULLNAT {
+        // The balancer's port stays taken while the backend may still hold
+        // the connection in TIME_WAIT (60 s on Linux): the `fin` timeout,
+        // 120 s by default, or `closed` if that is longer.
+        if t.closed > t.fin {
+            t.closed
+        } else {
+            t.fin
+        }
+    } else if flow_closed(state) {
         t.closed
     } else if state & FLOW_BOTH_FIN != 0 {
         t.fin
@@ -236,10 +254,14 @@ mod tests {
     #[test]
     fn half_open_flows_have_the_syn_timeout_until_established() {
         let t = Timeouts { syn: 1, established: 2, fin: 3, closed: 4 };
-        assert_eq!(flow_timeout(&t, 0), 1);
-        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED), 2);
-        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_CLIENT_FIN), 3);
-        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_RESET), 4);
+        assert_eq!(flow_timeout(&t, 0, MODE_NAT), 1);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED, MODE_NAT), 2);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_CLIENT_FIN, MODE_NAT), 3);
+        assert_eq!(flow_timeout(&t, FLOW_ESTABLISHED | FLOW_RESET, MODE_NAT), 4);
+        // A closed full-NAT flow keeps its port through the backend's TIME_WAIT.
+        let t = Timeouts { fin: 120, closed: 10, ..t };
+        assert_eq!(flow_timeout(&t, FLOW_RESET, MODE_NAT), 10);
+        assert_eq!(flow_timeout(&t, FLOW_RESET, MODE_FULLNAT), 120);
     }
 
     #[test]

@@ -66,9 +66,10 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 64] = [
+    let numbers: [usize; 68] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
-        size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags),
+        size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
+        offset_of!(Service, snat_count), offset_of!(Service, port_first),
         size_of::<Backend>(), offset_of!(Backend, addr), offset_of!(Backend, port), offset_of!(Backend, flags),
         offset_of!(Backend, tier), offset_of!(Backend, weight), offset_of!(Backend, max_conns),
         size_of::<Candidate>(), offset_of!(Candidate, per_connection), offset_of!(Candidate, cap),
@@ -82,7 +83,7 @@ pub const LAYOUT_HASH: u64 = {
         size_of::<Flow>(), offset_of!(Flow, state), offset_of!(Flow, service), offset_of!(Flow, slot),
         offset_of!(Flow, nat_addr), offset_of!(Flow, nat_port), offset_of!(Flow, direction), offset_of!(Flow, wscale),
         offset_of!(Flow, ip_csum_diff), offset_of!(Flow, l4_csum_diff), offset_of!(Flow, peer_addr),
-        offset_of!(Flow, peer_port), offset_of!(Flow, seq_next),
+        offset_of!(Flow, peer_port), offset_of!(Flow, mode), offset_of!(Flow, seq_next),
         offset_of!(Flow, acked), offset_of!(Flow, window), offset_of!(Flow, last_seen), offset_of!(Flow, hop),
         offset_of!(NextHop, at), offset_of!(NextHop, mtu),
         size_of::<BackendStats>(), offset_of!(BackendStats, new_flows), offset_of!(BackendStats, refused),

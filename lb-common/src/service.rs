@@ -27,13 +27,26 @@ pub struct ServiceKey {
 }
 
 /// What the data path knows of a service: which row of `BACKENDS` and
-/// `ACTIVE` is its own.
+/// `ACTIVE` is its own, and in full NAT the balancer's side of each flow.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     pub id: u32,
+    /// `SERVICE_*`.
     pub flags: u32,
+    /// Full NAT: the addresses backends see flows come from (network byte
+    /// order), the first `snat_count`.
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
+    pub snat_count: u32,
+    /// Full NAT: the source ports, `port_first..=port_last` (host order).
+    pub port_first: u16,
+    pub port_last: u16,
 }
+
+/// The service rewrites both ends (`MODE_FULLNAT` flows).
+pub const SERVICE_FULLNAT: u32 = 1;
+/// Source addresses a full-NAT service may have.
+pub const MAX_SNAT_ADDRS: usize = 4;
 
 /// The backend may be chosen for new flows. The agent clears it for backends
 /// that are down, draining, disabled or removed; established flows are kept.

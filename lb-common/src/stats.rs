@@ -117,11 +117,15 @@ counters! {
     /// Packets of a flow that could not be answered with ICMP (IP options),
     /// or ICMP errors whose TTL ran out here: dropped.
     IcmpNotSent = "icmp_not_sent",
+    /// A full-NAT SYN found no free source port towards its backend (every
+    /// port it tried holds a live or recently closed flow): dropped, the
+    /// client retries.
+    SnatPortsExhausted = "snat_ports_exhausted",
 }
 
 impl Counter {
     /// Why packets were dropped: the metrics' `lb_drops` reasons.
-    pub const DROPS: [Counter; 9] = [
+    pub const DROPS: [Counter; 10] = [
         Counter::MalformedIp,
         Counter::MalformedTcp,
         Counter::NoBackend,
@@ -131,6 +135,7 @@ impl Counter {
         Counter::FinOutOfWindow,
         Counter::OutOfState,
         Counter::TupleInUse,
+        Counter::SnatPortsExhausted,
     ];
     /// Other events of the data path: the metrics' `lb_events`.
     pub const EVENTS: [Counter; 15] = [
@@ -173,7 +178,7 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
-        assert_eq!(Counter::IcmpNotSent as usize + 1, COUNTER_COUNT);
+        assert_eq!(Counter::SnatPortsExhausted as usize + 1, COUNTER_COUNT);
         assert_eq!(Counter::TableFull.name(), "table_full");
     }
 }

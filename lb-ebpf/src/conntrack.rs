@@ -37,9 +37,10 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     programs::XdpContext,
 };
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, seq_after, Counter, Flow, FlowKey, Service, ServiceKey, Timeouts, DIR_FORWARD,
-    DIR_REPLY, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
+    flow_closed, flow_last_active, flow_timeout, seq_after, Backend, Counter, Flow, FlowKey, Service, ServiceKey,
+    Timeouts, DIR_FORWARD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_FULLNAT, MODE_NAT, SERVICE_FULLNAT, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
 };
@@ -455,6 +456,9 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(Some(Counter::NoBackend));
     };
     let backend = choice.backend;
+    let full_nat = service.flags & SERVICE_FULLNAT != 0;
+    let mode = if full_nat { MODE_FULLNAT } else { MODE_NAT };
+    let service_row = service;
     let service = service_id as u16;
     // The two entries are built in this CPU's scratch, not on the stack,
     // which has no room for them.
@@ -463,8 +467,34 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let scratch = unsafe { &mut *scratch };
 
-    // What the backend sees as the client: the client itself (nat).
-    let (peer_addr, peer_port) = (key.saddr, key.sport);
+    // The reply entry: the backend's answers get the VIP as their source
+    // and the client as their destination.
+    scratch.reply = Flow {
+        service,
+        slot: choice.slot,
+        nat_addr: key.daddr,
+        nat_port: key.dport,
+        peer_addr: key.saddr,
+        peer_port: key.sport,
+        direction: DIR_REPLY,
+        mode,
+        ..Flow::default()
+    };
+    // What the backend sees as the client: the client itself (nat), or an
+    // address and port of the balancer's, taken by inserting the reply entry
+    // under them (full NAT).
+    let (peer_addr, peer_port) = if full_nat {
+        let taken = take_port(key, service_row, &backend, &mut scratch.reply);
+        if taken == NO_PORT {
+            return Opened::Drop(Some(Counter::SnatPortsExhausted));
+        }
+        if taken == TABLE_FULL {
+            return Opened::Drop(Some(Counter::TableFull));
+        }
+        ((taken >> 16) as u32, (taken as u16).to_be())
+    } else {
+        (key.saddr, key.sport)
+    };
     let (ip_diff, l4_diff) =
         csum_diffs((key.daddr, key.dport), (backend.addr, backend.port), (key.saddr, key.sport), (peer_addr, peer_port));
     scratch.forward = Flow {
@@ -476,6 +506,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         peer_addr,
         peer_port,
         direction: DIR_FORWARD,
+        mode,
         wscale: window_scale(ctx, pkt),
         ip_csum_diff: ip_diff,
         l4_csum_diff: l4_diff,
@@ -487,45 +518,46 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let forward = &mut scratch.forward;
     let reply_key = key.reply(forward);
-    if let Some(other) = FLOWS.get_ptr(&reply_key) {
-        // The backend would see this flow on the ports of one it has: two
-        // services sharing a backend, a client using one source port for
-        // both. Its replies could not be told apart.
-        let theirs = unsafe { (*other).direction == DIR_REPLY && ((*other).nat_addr != key.daddr || (*other).nat_port != key.dport) };
-        if theirs {
-            if let Some(owner) = forward_of_reply(&reply_key, unsafe { &*other }) {
-                if !flow_closed(unsafe { (*owner).state }) {
-                    return Opened::Drop(Some(Counter::TupleInUse));
+    if !full_nat {
+        if let Some(other) = FLOWS.get_ptr(&reply_key) {
+            // The backend would see this flow on the ports of one it has: two
+            // services sharing a backend, a client using one source port for
+            // both. Its replies could not be told apart.
+            let theirs = unsafe {
+                (*other).direction == DIR_REPLY && ((*other).nat_addr != key.daddr || (*other).nat_port != key.dport)
+            };
+            if theirs {
+                if let Some(owner) = forward_of_reply(&reply_key, unsafe { &*other }) {
+                    if !flow_closed(unsafe { (*owner).state }) {
+                        return Opened::Drop(Some(Counter::TupleInUse));
+                    }
                 }
             }
         }
+        let (ip_diff, l4_diff) = reply_diffs(key, &backend, peer_addr, peer_port);
+        scratch.reply.ip_csum_diff = ip_diff;
+        scratch.reply.l4_csum_diff = l4_diff;
     }
-    let (ip_diff, l4_diff) =
-        csum_diffs((backend.addr, backend.port), (key.daddr, key.dport), (peer_addr, peer_port), (key.saddr, key.sport));
-    scratch.reply = Flow {
-        service,
-        slot: choice.slot,
-        nat_addr: key.daddr,
-        nat_port: key.dport,
-        peer_addr: key.saddr,
-        peer_port: key.sport,
-        direction: DIR_REPLY,
-        ip_csum_diff: ip_diff,
-        l4_csum_diff: l4_diff,
-        ..Flow::default()
-    };
     let forward = &mut scratch.forward;
     let reply = &scratch.reply;
+    // Where this fails, a full-NAT flow gives its port back.
+    let give_back = |reply_key: &FlowKey| {
+        if full_nat {
+            let _ = FLOWS.remove(reply_key);
+        }
+    };
 
     match existing {
         Some(entry) => {
             let observed = unsafe { core::ptr::read_volatile(&(*entry).state) };
             if observed & FLOW_EXPIRED != 0 {
                 // Being deleted right now; the client's retry finds it gone.
+                give_back(&reply_key);
                 return Opened::Drop(None);
             }
             forward.state = (observed & !FLAG_BITS).wrapping_add(FLOW_GENERATION_ONE);
             if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, forward.state) {
+                give_back(&reply_key);
                 return Opened::Drop(None);
             }
             if !flow_closed(observed) {
@@ -546,12 +578,17 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             }
             if let Err(e) = inserted {
                 // EEXIST: another CPU opened the same flow a moment ago.
+                give_back(&reply_key);
                 return Opened::Drop((e != -EEXIST).then_some(Counter::TableFull));
             }
         }
     }
     assign(service, choice.slot);
     remember(key);
+    if full_nat {
+        // Its reply entry is in already.
+        return Opened::Flow(&scratch.forward);
+    }
     let mut inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
     if inserted.is_err() && make_room(now) {
         inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
@@ -564,6 +601,56 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(Some(Counter::TableFull));
     }
     Opened::Flow(&scratch.forward)
+}
+
+/// The checksum differences of a reply's rewrite: the backend's address
+/// becomes the VIP, and the peer it answered the client.
+#[inline(always)]
+fn reply_diffs(key: &FlowKey, backend: &Backend, peer_addr: u32, peer_port: u16) -> (u16, u16) {
+    csum_diffs((backend.addr, backend.port), (key.daddr, key.dport), (peer_addr, peer_port), (key.saddr, key.sport))
+}
+
+/// Ports a full-NAT SYN tries, one after the other from a random start.
+const PORT_TRIES: u32 = 8;
+/// `take_port`'s answers besides a port.
+const NO_PORT: u64 = 0;
+const TABLE_FULL: u64 = 1;
+
+/// Takes a source address and port of the service's for a new full-NAT
+/// flow to `backend`: the reply entry (`reply`, filled in but for its
+/// checksums) goes into the table under the key the backend will answer
+/// with, only if no flow holds that key, so no live or recently closed
+/// flow's port is ever handed out again. Ports are taken per address and
+/// backend: a busy backend does not use up the others'. Returns the
+/// address (network order) << 16 | port (host order), or `NO_PORT` when
+/// every port tried is taken, or `TABLE_FULL`. (Plain integers: an Option's
+/// payload would be spilled unset.)
+#[inline(always)]
+fn take_port(key: &FlowKey, service: &Service, backend: &Backend, reply: &mut Flow) -> u64 {
+    let count = service.snat_count;
+    if count == 0 || count as usize > MAX_SNAT_ADDRS || service.port_last < service.port_first {
+        return NO_PORT;
+    }
+    let random = unsafe { bpf_get_prandom_u32() };
+    // Opaque, so LLVM keeps the mask the verifier needs (it proves it
+    // redundant, count being at most 4, and would drop it).
+    let index = core::hint::black_box((random % count) as usize) & (MAX_SNAT_ADDRS - 1);
+    let addr = service.snat_addrs[index];
+    let range = (service.port_last - service.port_first) as u32 + 1;
+    let start = (random >> 8) % range;
+    for i in 0..PORT_TRIES {
+        let port = service.port_first + ((start + i) % range) as u16;
+        let (ip_diff, l4_diff) = reply_diffs(key, backend, addr, port.to_be());
+        reply.ip_csum_diff = ip_diff;
+        reply.l4_csum_diff = l4_diff;
+        let reply_key = FlowKey { saddr: backend.addr, daddr: addr, sport: backend.port, dport: port.to_be() };
+        match FLOWS.insert(&reply_key, &*reply, BPF_NOEXIST as u64) {
+            Ok(()) => return (addr as u64) << 16 | port as u64,
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => return TABLE_FULL,
+        }
+    }
+    NO_PORT
 }
 
 /// Ring entries one search for room looks at, at most.
@@ -617,7 +704,7 @@ fn make_room(now: u64) -> bool {
         let dead = match unsafe { FLOWS.get(&key) } {
             Some(flow) if flow.direction == DIR_FORWARD => {
                 let idle = now.saturating_sub(flow.last_seen);
-                if idle >= flow_timeout(&clock.evict, flow.state) {
+                if idle >= flow_timeout(&clock.evict, flow.state, flow.mode) {
                     true
                 } else if flow.state & FLOW_ESTABLISHED == 0 && !flow_closed(flow.state) {
                     break; // young and half-open: so are all after it
@@ -672,11 +759,12 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     let Some(forward) = FLOWS.get_ptr_mut(key) else {
         return false;
     };
-    let (observed, last_seen, service, slot) = unsafe {
+    let (observed, last_seen, service, slot, mode) = unsafe {
         if (*forward).direction != DIR_FORWARD {
             return false;
         }
-        (core::ptr::read_volatile(&(*forward).state), (*forward).last_seen, (*forward).service, (*forward).slot)
+        let state = core::ptr::read_volatile(&(*forward).state);
+        (state, (*forward).last_seen, (*forward).service, (*forward).slot, (*forward).mode)
     };
     if observed & FLOW_EXPIRED != 0 {
         return false;
@@ -694,7 +782,7 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         }
     }
     let latest = flow_last_active(observed, last_seen, replied_at);
-    if now.saturating_sub(latest) < flow_timeout(timeouts, observed) {
+    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, mode) {
         return false;
     }
     if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {

@@ -219,6 +219,10 @@ pub struct FlowStatus {
     pub service: String,
     pub client: String,
     pub vip: String,
+    /// Full NAT: the balancer's address and port the backend sees the flow
+    /// come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<String>,
     pub backend: String,
     pub state: FlowState,
     pub idle_seconds: f64,

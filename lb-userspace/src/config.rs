@@ -131,13 +131,19 @@ impl Scheduler {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Destination NAT to the backend, source NAT back on replies; the
     /// backends route through the balancer.
     #[default]
     Nat,
+    /// Both ends rewritten: the backend sees the balancer's address and a
+    /// port of its own per flow, so it needs no route to the clients (a
+    /// drop-in for a proxy such as nginx).
+    #[serde(rename = "fullnat")]
+    #[value(name = "fullnat")]
+    FullNat,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -156,8 +162,30 @@ pub struct ServiceConfig {
     /// What happens to established flows when their backend goes down.
     #[serde(default)]
     pub on_backend_down: DownPolicy,
+    /// Full NAT: the balancer's addresses backends see the flows come from
+    /// (at most 4); by default the address of the interface that reaches
+    /// the first backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat_addresses: Vec<std::net::Ipv4Addr>,
+    /// Full NAT: the source ports, first and last. The agent reserves them
+    /// from the host's own sockets (`net.ipv4.ip_local_reserved_ports`).
+    #[serde(default = "default_snat_ports", skip_serializing_if = "is_default_snat_ports")]
+    pub snat_ports: [u16; 2],
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+/// Below the kernel's ephemeral range (32768–60999), so the host's own
+/// outgoing connections never take them; 10,000 flows per address and
+/// backend.
+pub const DEFAULT_SNAT_PORTS: [u16; 2] = [20000, 29999];
+
+fn default_snat_ports() -> [u16; 2] {
+    DEFAULT_SNAT_PORTS
+}
+
+fn is_default_snat_ports(ports: &[u16; 2]) -> bool {
+    *ports == DEFAULT_SNAT_PORTS
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -185,6 +213,7 @@ impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Mode::Nat => "nat",
+            Mode::FullNat => "fullnat",
         })
     }
 }
@@ -378,6 +407,19 @@ impl ServiceConfig {
         }
         if let Some(h) = &self.health {
             h.validate().with_context(|| format!("service {}", self.name))?;
+        }
+        if self.mode != Mode::FullNat && (!self.snat_addresses.is_empty() || self.snat_ports != DEFAULT_SNAT_PORTS) {
+            bail!("service {}: snat_addresses and snat_ports are for mode = \"fullnat\"", self.name);
+        }
+        if self.snat_addresses.len() > lb_common::MAX_SNAT_ADDRS {
+            bail!("service {}: at most {} snat_addresses, not {}", self.name, lb_common::MAX_SNAT_ADDRS, self.snat_addresses.len());
+        }
+        if let Some(bad) = self.snat_addresses.iter().find(|a| a.is_unspecified() || a.is_multicast() || a.is_broadcast()) {
+            bail!("service {}: snat_addresses: {bad} is not an address of this host", self.name);
+        }
+        let [first, last] = self.snat_ports;
+        if first < 1024 || first > last {
+            bail!("service {}: snat_ports must be [first, last] with 1024 <= first <= last <= 65535, not [{first}, {last}]", self.name);
         }
         let mut seen = HashSet::new();
         for b in &self.backends {

@@ -69,6 +69,8 @@ pub fn balancer_scheduling(weights: &[u32], max_flows: u32, scheduler: Scheduler
         mode: Mode::Nat,
         health: None,
         on_backend_down: Default::default(),
+        snat_addresses: Vec::new(),
+        snat_ports: lb::config::DEFAULT_SNAT_PORTS,
         backends: weights
             .iter()
             .enumerate()

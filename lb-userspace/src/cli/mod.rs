@@ -138,6 +138,10 @@ enum ServiceCommand {
         /// How new flows choose a backend.
         #[arg(long, value_enum, default_value_t = Scheduler::LeastConn)]
         scheduler: Scheduler,
+        /// nat (the backends route through the balancer) or fullnat (they
+        /// need nothing: they see the balancer's address).
+        #[arg(long, value_enum, default_value_t = Mode::Nat)]
+        mode: Mode,
     },
     /// Remove a service; its established flows finish undisturbed.
     Remove { name: String },
@@ -259,11 +263,13 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Service(ServiceCommand::Add { name, vip, scheduler }) => client.add_service(ServiceConfig {
+        Command::Service(ServiceCommand::Add { name, vip, scheduler, mode }) => client.add_service(ServiceConfig {
             name,
             vip,
             scheduler,
-            mode: Mode::Nat,
+            mode,
+            snat_addresses: Vec::new(),
+            snat_ports: crate::config::DEFAULT_SNAT_PORTS,
             health: None,
             on_backend_down: Default::default(),
             backends: Vec::new(),

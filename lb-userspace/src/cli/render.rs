@@ -108,14 +108,16 @@ pub fn render_flows(flows: &[FlowStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<12} {:<22} {:<22} {:<22} {:<12} {:>8}",
-        "SERVICE", "CLIENT", "VIP", "BACKEND", "STATE", "IDLE(s)"
+        "{:<12} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
+        "SERVICE", "CLIENT", "VIP", "BALANCER SIDE", "BACKEND", "STATE", "IDLE(s)"
     );
     for f in flows {
+        // The backend sees the client itself unless in full NAT.
+        let balancer = f.balancer.as_deref().unwrap_or("-");
         let _ = writeln!(
             out,
-            "{:<12} {:<22} {:<22} {:<22} {:<12} {:>8.1}",
-            f.service, f.client, f.vip, f.backend, f.state, f.idle_seconds
+            "{:<12} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8.1}",
+            f.service, f.client, f.vip, balancer, f.backend, f.state, f.idle_seconds
         );
     }
     let _ = writeln!(out, "{} flows", flows.len());

@@ -1,11 +1,15 @@
 //! `Maps` in memory, for testing the model and reconciliation without a
 //! kernel (as Katran tests through its BPF adapter and Cilium with fake
 //! maps). Tests set active counts and flows by hand to stand for traffic.
-use std::{cell::RefCell, collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::{bail, Result};
 use lb_common::{
-    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Timeouts, TraceConfig, COUNTER_COUNT,
+    flow_closed, ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Service, Timeouts, TraceConfig, COUNTER_COUNT,
     DIR_FORWARD, MAX_BACKENDS,
 };
 
@@ -29,6 +33,10 @@ pub struct FakeMaps {
     /// What `lb trace` asked for, and lines a test has the data path write.
     pub trace: TraceConfig,
     pub trace_lines: Vec<String>,
+    /// What the data path knows of each service, as last written.
+    pub service_values: BTreeMap<SocketAddrV4, Service>,
+    /// What `source_address` answers.
+    pub route_source: Option<Ipv4Addr>,
 }
 
 impl FakeMaps {
@@ -47,6 +55,8 @@ impl FakeMaps {
             fail_after_writes: None,
             trace: TraceConfig::default(),
             trace_lines: Vec::new(),
+            service_values: BTreeMap::new(),
+            route_source: Some(Ipv4Addr::new(198, 19, 0, 1)),
         }
     }
 
@@ -77,10 +87,15 @@ impl super::Maps for FakeMaps {
         self.max_services
     }
 
-    fn set_service(&mut self, vip: SocketAddrV4, id: u32) -> Result<()> {
+    fn set_service(&mut self, vip: SocketAddrV4, service: &Service) -> Result<()> {
         self.write()?;
-        self.services.insert(vip, id);
+        self.services.insert(vip, service.id);
+        self.service_values.insert(vip, *service);
         Ok(())
+    }
+
+    fn source_address(&self, _to: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.route_source
     }
 
     fn remove_service(&mut self, vip: SocketAddrV4) -> Result<()> {

@@ -377,9 +377,13 @@ impl Maps for Datapath {
         self.max_services
     }
 
-    fn set_service(&mut self, vip: SocketAddrV4, id: u32) -> Result<()> {
-        self.services.insert(service_key(vip), Service { id, flags: 0 }, 0)?;
+    fn set_service(&mut self, vip: SocketAddrV4, service: &Service) -> Result<()> {
+        self.services.insert(service_key(vip), service, 0)?;
         Ok(())
+    }
+
+    fn source_address(&self, to: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+        super::route_source(to)
     }
 
     fn remove_service(&mut self, vip: SocketAddrV4) -> Result<()> {

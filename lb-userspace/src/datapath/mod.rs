@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::Result;
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, ServiceKey, TraceConfig, COUNTER_COUNT, DIR_FORWARD,
+    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Service, ServiceKey, TraceConfig, COUNTER_COUNT, DIR_FORWARD,
     PROTO_TCP,
 };
 
@@ -30,7 +30,7 @@ pub trait Maps {
     /// Services the maps have room for (ids `0..max_services`).
     fn max_services(&self) -> u32;
 
-    fn set_service(&mut self, vip: SocketAddrV4, id: u32) -> Result<()>;
+    fn set_service(&mut self, vip: SocketAddrV4, service: &Service) -> Result<()>;
     fn remove_service(&mut self, vip: SocketAddrV4) -> Result<()>;
     fn set_backends(&mut self, service: u32, set: &BackendSet) -> Result<()>;
     /// The services and backend sets in the maps (VIP, id, set), as a
@@ -56,6 +56,10 @@ pub trait Maps {
     fn clock(&self) -> Clock;
     fn now_ticks(&self) -> Result<u64>;
 
+    /// The address this host sends from to reach `to` (its route's source),
+    /// if it has a route.
+    fn source_address(&self, to: Ipv4Addr) -> Option<Ipv4Addr>;
+
     /// Tells the data path what `lb trace` wants logged (`on` 0: nothing).
     fn set_trace(&mut self, config: TraceConfig) -> Result<()>;
     /// The trace lines the data path has written since the last call.
@@ -72,6 +76,17 @@ pub trait Maps {
     fn backend_stats(&self, service: u32, slot: u32) -> Result<BackendStats> {
         let all = self.service_backend_stats(service, slot as usize + 1)?;
         Ok(all[slot as usize])
+    }
+}
+
+/// The route's source address towards `to`, as the kernel picks it: a UDP
+/// socket connected there (no packet is sent).
+pub fn route_source(to: Ipv4Addr) -> Option<Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect((to, 9)).ok()?;
+    match socket.local_addr().ok()? {
+        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
     }
 }
 

@@ -156,6 +156,8 @@ impl Model {
                 let s = self.service_mut(&config.name)?;
                 s.scheduler = config.scheduler;
                 s.mode = config.mode;
+                s.snat_addresses = config.snat_addresses.clone();
+                s.snat_ports = config.snat_ports;
                 s.health = config.health.clone();
                 s.on_down = config.on_backend_down;
                 Ok(Vec::new())
@@ -197,6 +199,8 @@ impl Model {
                 vip: *vip,
                 scheduler: Scheduler::from_wire(set.scheduler),
                 mode: Mode::Nat,
+                snat_addresses: Vec::new(),
+                snat_ports: crate::config::DEFAULT_SNAT_PORTS,
                 health: None,
                 on_down: DownPolicy::Keep,
                 id: *id,

@@ -27,6 +27,10 @@ pub struct Service {
     pub vip: SocketAddrV4,
     pub scheduler: Scheduler,
     pub mode: Mode,
+    /// Full NAT: the configured source addresses (none: the agent's
+    /// default) and ports.
+    pub snat_addresses: Vec<std::net::Ipv4Addr>,
+    pub snat_ports: [u16; 2],
     pub health: Option<HealthConfig>,
     pub on_down: DownPolicy,
     /// Its row in the data path's per-service maps.
@@ -44,6 +48,8 @@ impl Service {
             vip: config.vip,
             scheduler: config.scheduler,
             mode: config.mode,
+            snat_addresses: config.snat_addresses.clone(),
+            snat_ports: config.snat_ports,
             health: config.health.clone(),
             on_down: config.on_backend_down,
             id,
@@ -57,6 +63,8 @@ impl Service {
         self.name = config.name.clone();
         self.scheduler = config.scheduler;
         self.mode = config.mode;
+        self.snat_addresses = config.snat_addresses.clone();
+        self.snat_ports = config.snat_ports;
         self.health = config.health.clone();
         self.on_down = config.on_backend_down;
         self.adopted = false;
@@ -70,6 +78,8 @@ impl Service {
             vip: self.vip,
             scheduler: self.scheduler,
             mode: self.mode,
+            snat_addresses: self.snat_addresses.clone(),
+            snat_ports: self.snat_ports,
             health: self.health.clone(),
             on_backend_down: self.on_down,
             backends: self.configured().map(|m| m.config.clone()).collect(),

@@ -34,7 +34,7 @@ pub struct Balancer<M: Maps = Datapath> {
     /// The backend sets last written, by service id.
     written: HashMap<u32, Box<BackendSet>>,
     /// The services last written: VIP → id.
-    written_vips: BTreeMap<SocketAddrV4, u32>,
+    written_vips: BTreeMap<SocketAddrV4, lb_common::Service>,
     /// Idle flows the agent has removed, for the metrics.
     pub expired_total: u64,
     /// Flows in the table at the last aging scan.
@@ -75,7 +75,7 @@ impl<M: Maps> Balancer<M> {
         self.model.adopt(&pinned, Instant::now());
         for (vip, id, set) in &pinned {
             self.written.insert(*id, Box::new(*set));
-            self.written_vips.insert(*vip, *id);
+            self.written_vips.insert(*vip, lb_common::Service { id: *id, ..Default::default() });
         }
         pinned.len()
     }
@@ -264,6 +264,28 @@ impl<M: Maps> Balancer<M> {
         Ok(())
     }
 
+    /// What the data path is told of a service. In full NAT: its source
+    /// addresses (the configured ones, or the address this host reaches its
+    /// first backend from) and ports.
+    fn service_value(&self, s: &crate::model::Service) -> lb_common::Service {
+        let mut value = lb_common::Service { id: s.id, ..Default::default() };
+        if s.mode != crate::config::Mode::FullNat {
+            return value;
+        }
+        value.flags = lb_common::SERVICE_FULLNAT;
+        let addresses: Vec<std::net::Ipv4Addr> = if s.snat_addresses.is_empty() {
+            s.configured().next().and_then(|m| self.datapath.source_address(*m.config.address.ip())).into_iter().collect()
+        } else {
+            s.snat_addresses.clone()
+        };
+        for (i, a) in addresses.iter().take(lb_common::MAX_SNAT_ADDRS).enumerate() {
+            value.snat_addrs[i] = crate::datapath::wire_addr(*a);
+            value.snat_count = i as u32 + 1;
+        }
+        [value.port_first, value.port_last] = s.snat_ports;
+        value
+    }
+
     /// Writes the model's services into the maps where they differ from what
     /// was last written: backends before the service that uses them, and a
     /// removed service's VIP before its backends are emptied.
@@ -278,9 +300,10 @@ impl<M: Maps> Balancer<M> {
                 self.datapath.set_backends(s.id, &set)?;
                 self.written.insert(s.id, Box::new(set));
             }
-            if self.written_vips.get(&s.vip) != Some(&s.id) {
-                self.datapath.set_service(s.vip, s.id)?;
-                self.written_vips.insert(s.vip, s.id);
+            let value = self.service_value(s);
+            if self.written_vips.get(&s.vip) != Some(&value) {
+                self.datapath.set_service(s.vip, &value)?;
+                self.written_vips.insert(s.vip, value);
             }
         }
         let model = &self.model;

@@ -95,6 +95,8 @@ impl<M: Maps> Balancer<M> {
                 service,
                 client: host_socket(key.saddr, key.sport).to_string(),
                 vip: host_socket(key.daddr, key.dport).to_string(),
+                balancer: (flow.mode == lb_common::MODE_FULLNAT)
+                    .then(|| host_socket(flow.peer_addr, flow.peer_port).to_string()),
                 backend: host_socket(flow.nat_addr, flow.nat_port).to_string(),
                 state: flow_state(flow.state, replied_at != 0),
                 idle_seconds: clock.seconds(now.saturating_sub(flow.last_seen.max(replied_at))),

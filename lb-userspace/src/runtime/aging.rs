@@ -103,7 +103,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
     for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_FORWARD) {
         report.flows += 1;
         let idle = now.saturating_sub(flow.last_seen);
-        if idle >= flow_timeout(&ticks, flow.state) {
+        if idle >= flow_timeout(&ticks, flow.state, flow.mode) {
             candidates.insert(key.reply(flow), (*key, flow, 0));
         }
     }
@@ -117,7 +117,7 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
             .values()
             .filter(|(_, flow, replied_at)| {
                 let last = flow_last_active(flow.state, flow.last_seen, *replied_at);
-                now.saturating_sub(last) >= flow_timeout(&ticks, flow.state)
+                now.saturating_sub(last) >= flow_timeout(&ticks, flow.state, flow.mode)
             })
             .map(|(key, _, _)| *key)
             .collect();

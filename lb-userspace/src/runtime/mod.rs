@@ -87,6 +87,7 @@ fn start(config: &Config, pins: &Pins, mut datapath: Datapath, reused: bool, per
         );
     }
     datapath.set_timeouts(&config.agent.timeouts.to_wire())?;
+    reserve_snat_ports(&config.services);
     let mut balancer = Balancer::new(datapath);
     let adopted = if reused { balancer.adopt() } else { 0 };
     let saved = state::load(&state::path_for(&config.agent.socket)).unwrap_or_default();
@@ -234,6 +235,7 @@ fn reload(balancer: &Mutex<Balancer>, path: &Path, persist: &Persist) -> Respons
         let config = Config::parse(&text, path)?;
         let mut b = balancer.lock().unwrap();
         let changes = b.reload(&config)?;
+        reserve_snat_ports(&config.services);
         persist.reconciled_with(state::digest(text.as_bytes()));
         persist.save(&b.model);
         Ok(changes)
@@ -274,6 +276,36 @@ fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting, pins: 
     }
     accept_local(interface);
     Ok(())
+}
+
+/// Keeps full-NAT services' source ports from the host's own sockets: adds
+/// each range to `net.ipv4.ip_local_reserved_ports` (of the agent's network
+/// namespace) unless it is there already. The kernel then never picks them
+/// for an outgoing connection, so a reply to one is always a flow's.
+fn reserve_snat_ports(services: &[crate::config::ServiceConfig]) {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let Ok(current) = std::fs::read_to_string(PATH) else { return };
+    let mut ranges: Vec<String> = current.trim().split(',').filter(|r| !r.is_empty()).map(str::to_string).collect();
+    let reserved = |ranges: &[String], port: u16| {
+        ranges.iter().any(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= port && port <= b)
+        })
+    };
+    let mut changed = false;
+    for s in services.iter().filter(|s| s.mode == crate::config::Mode::FullNat) {
+        let [first, last] = s.snat_ports;
+        if !(reserved(&ranges, first) && reserved(&ranges, last)) {
+            ranges.push(format!("{first}-{last}"));
+            changed = true;
+        }
+    }
+    if changed {
+        match std::fs::write(PATH, ranges.join(",")) {
+            Ok(()) => tracing::info!(ranges = %ranges.join(","), "reserved the full-NAT source ports from the host's own sockets"),
+            Err(e) => tracing::warn!("reserving the full-NAT source ports in {PATH} failed ({e}): the host's own connections may take them"),
+        }
+    }
 }
 
 /// Lets the kernel forward a rewritten reply whose source, the VIP, is one

@@ -228,6 +228,8 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
             mode: Default::default(),
             health: None,
             on_backend_down: Default::default(),
+            snat_addresses: Vec::new(),
+            snat_ports: lb::config::DEFAULT_SNAT_PORTS,
             backends: vec![BackendConfig::new(shared, 1)],
         })
         .unwrap();

@@ -123,6 +123,8 @@ pub fn convert(tree: &[Directive], options: &Options) -> Imported {
                 mode: Default::default(),
                 health: health.clone(),
                 on_backend_down: Default::default(),
+                snat_addresses: Vec::new(),
+                snat_ports: crate::config::DEFAULT_SNAT_PORTS,
                 backends: backends.clone(),
             });
         }
