@@ -62,7 +62,25 @@ pub fn balancer(weights: &[u32], max_flows: u32) -> Balancer {
 
 pub fn balancer_scheduling(weights: &[u32], max_flows: u32, scheduler: Scheduler) -> Balancer {
     let mut balancer = Balancer::new(Datapath::load(max_flows).expect("load the XDP program"));
-    let service = ServiceConfig {
+    balancer.add_service(&service(weights, scheduler)).unwrap();
+    balancer
+}
+
+/// The same service in full NAT, with source ports `snat_ports` and the
+/// default source address (this host's on the backends' network:
+/// `BALANCER`).
+pub fn balancer_full_nat(weights: &[u32], snat_ports: [u16; 2]) -> Balancer {
+    let mut balancer = Balancer::new(Datapath::load(1024).expect("load the XDP program"));
+    let service = ServiceConfig { mode: Mode::FullNat, snat_ports, ..service(weights, Scheduler::LeastConn) };
+    balancer.add_service(&service).unwrap();
+    balancer
+}
+
+/// The routed host's address on the backends' network.
+pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+
+fn service(weights: &[u32], scheduler: Scheduler) -> ServiceConfig {
+    ServiceConfig {
         name: "web".into(),
         vip: VIP,
         scheduler,
@@ -76,9 +94,7 @@ pub fn balancer_scheduling(weights: &[u32], max_flows: u32, scheduler: Scheduler
             .enumerate()
             .map(|(i, &weight)| BackendConfig::new(backend(i), weight))
             .collect(),
-    };
-    balancer.add_service(&service).unwrap();
-    balancer
+    }
 }
 
 pub fn client(port: u16) -> SocketAddrV4 {

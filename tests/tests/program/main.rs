@@ -2,6 +2,7 @@
 //! per feature; shared set-up in `lb_tests::routed` and `lb_tests::packet`.
 mod datapath;
 mod failover;
+mod fullnat;
 mod hostile;
 mod icmp;
 mod port_reuse;
