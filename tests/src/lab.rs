@@ -24,6 +24,8 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const LB_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 100), 80);
+/// The client's address on the backends' network (`Lab::one_arm_client`).
+pub const ONE_ARM_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 
 pub fn backend_addr(i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11 + i as u8), 80)
@@ -83,6 +85,29 @@ impl Lab {
         let dir = std::env::temp_dir().join(&lb.name);
         std::fs::create_dir_all(&dir).unwrap();
         Self { client, lb, backends: backend_ns, dir, _switch: switch }
+    }
+
+    /// One-arm: gives the client a second link, onto the backends' network
+    /// (198.19.0.2), and routes the VIP through the balancer's address there,
+    /// so clients and backends reach the balancer through one interface.
+    pub fn one_arm_client(&self) -> Ipv4Addr {
+        sh(&format!("ip link add eth1 netns {} type veth peer pc netns {}", self.client.name, self._switch.name));
+        self._switch.exec("ip link set pc master br0 && ip link set pc up");
+        self.client.exec(&format!(
+            "ip addr add {ONE_ARM_CLIENT}/24 dev eth1 && ip link set eth1 up \
+             && ethtool -K eth1 tx off tso off gso off gro on >/dev/null \
+             && ip route replace {}/32 via {LB_SERVER_SIDE} dev eth1",
+            VIP.ip()
+        ));
+        ONE_ARM_CLIENT
+    }
+
+    /// Takes the backends' route to the clients away: only full NAT can
+    /// reach them now.
+    pub fn backends_without_routes(&self) {
+        for ns in &self.backends {
+            ns.exec("ip route del default");
+        }
     }
 
     /// An echo server on port 80 of every backend, named b1, b2, ...

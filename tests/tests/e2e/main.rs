@@ -8,6 +8,7 @@ mod dashboard;
 mod failover;
 mod faults;
 mod forwarding;
+mod fullnat;
 mod hostile;
 mod import;
 mod metrics;

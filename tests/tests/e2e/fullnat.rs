@@ -1,0 +1,115 @@
+//! Full NAT end to end: backends with no route to the clients, reached
+//! through the balancer's own address, two-arm (clients on one interface,
+//! backends on the other) and one-arm (both on one interface).
+use std::{collections::BTreeMap, time::Duration};
+
+use lb_tests::{
+    lab::{Agent, Lab, LB_SERVER_SIDE, VIP},
+    serial,
+    servers::{connect, request},
+};
+
+fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
+    lab.config(&[1, 1, 1], "")
+        .replace("interfaces = [\"cli\", \"srv\"]", &format!("interfaces = {interfaces}"))
+        .replace("mode = \"nat\"", "mode = \"fullnat\"")
+}
+
+/// Pseudo-random bytes, so a dropped, duplicated or reordered segment shows.
+fn data(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// What every test of a mode checks: spread, least connections with held
+/// connections, who the backends see, counts back to 0, a 20 MB transfer.
+fn balances_as_nat_does(lab: &Lab, agent: &Agent) {
+    let mut spread = BTreeMap::new();
+    for i in 0..30 {
+        *spread.entry(request(&lab.client, VIP).unwrap_or_else(|e| panic!("request {i}: {e}"))).or_insert(0) += 1;
+    }
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    assert!(spread.values().all(|&n| n >= 5), "{spread:?}");
+
+    let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
+    assert_eq!(active, [2, 2, 2]);
+    // Each backend sees the balancer's address, a port of the range each.
+    for (i, ns) in lab.backends.iter().enumerate() {
+        let out = ns.exec("ss -Htn state established");
+        let peers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+            .collect();
+        assert_eq!(peers.len(), 2, "backend {}: {peers:?}", i + 1);
+        for p in &peers {
+            let (addr, port) = p.rsplit_once(':').unwrap();
+            assert_eq!(addr, LB_SERVER_SIDE.to_string(), "backend {} sees {p}", i + 1);
+            assert!((20000..=29999).contains(&port.parse::<u16>().unwrap()), "{p}");
+        }
+    }
+    let conntrack: serde_json::Value = serde_json::from_str(&agent.cli(&["conntrack", "--json"]).unwrap()).unwrap();
+    let flows = conntrack["flows"].as_array().unwrap();
+    assert!(flows.iter().filter(|f| f["state"] == "established").all(|f| f["balancer"].as_str().is_some_and(|b| b.starts_with("198.19.0.1:"))));
+    for h in &held {
+        h.close().unwrap();
+    }
+    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
+        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
+    });
+
+    let sent = data(20 * 1024 * 1024);
+    let held = connect(&lab.client, VIP).unwrap();
+    let echoed = held.round_trip(&sent).expect("a 20 MB transfer through full NAT");
+    assert!(echoed == sent, "the echoed 20 MB differ from what was sent");
+    held.close().unwrap();
+}
+
+#[test]
+fn two_arm_full_nat_serves_backends_that_have_no_route_to_the_clients() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    lab.backends_without_routes();
+    let _servers = lab.start_servers();
+    let config = full_nat_config(&lab, "[\"cli\", \"srv\"]");
+    let agent = lab.start_agent(&config);
+    balances_as_nat_does(&lab, &agent);
+
+    // Killed and started again: held connections keep their ports and
+    // their bytes flow; the counts are taken over exactly.
+    let held: Vec<_> = (0..3).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    agent.kill();
+    let agent = lab.start_agent(&config);
+    for h in &held {
+        assert_eq!(h.round_trip(b"still there").unwrap(), b"still there");
+    }
+    let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
+    assert_eq!(active, [1, 1, 1]);
+    for h in &held {
+        h.close().unwrap();
+    }
+    request(&lab.client, VIP).expect("new connections after the restart");
+    // The source ports are kept from the host's own sockets.
+    let reserved = lab.lb.exec("cat /proc/sys/net/ipv4/ip_local_reserved_ports");
+    assert!(String::from_utf8_lossy(&reserved.stdout).contains("20000-29999"));
+}
+
+#[test]
+fn one_arm_full_nat_takes_clients_and_backends_on_one_interface() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    lab.backends_without_routes();
+    lab.one_arm_client();
+    let _servers = lab.start_servers();
+    let agent = lab.start_agent(&full_nat_config(&lab, "[\"srv\"]"));
+    balances_as_nat_does(&lab, &agent);
+    let conntrack: serde_json::Value = serde_json::from_str(&agent.cli(&["conntrack", "--json"]).unwrap()).unwrap();
+    assert!(conntrack["flows"].as_array().unwrap().iter().all(|f| f["client"].as_str().unwrap().starts_with("198.19.0.2:")));
+}
