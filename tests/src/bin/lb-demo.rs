@@ -19,12 +19,16 @@ fn main() {
     }
 }
 
-/// Least connections over three backends, short and held connections.
+/// Least connections over three backends, short and held connections, in
+/// full NAT: the drop-in case, where the backends need nothing of the
+/// balancer (not even a route to the clients).
 fn balance() {
-    println!("== lab: client 198.18.0.2 -> [lb: XDP on cli, srv] -> backends 198.19.0.11-13, VIP {VIP}");
+    println!("== lab: client 198.18.0.2 -> [lb: XDP on cli, srv] -> backends 198.19.0.11-13, VIP {VIP}, full NAT");
     let lab = Lab::new(3);
+    lab.backends_without_routes();
+    println!("== the backends have no route to the client: they see the balancer's 198.19.0.1 (mode = \"fullnat\")");
     let _servers = lab.start_servers();
-    let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+    let agent = lab.start_agent(&lab.config(&[1, 1, 1], "").replace("mode = \"nat\"", "mode = \"fullnat\""));
     println!("== agent running in namespace {}", lab.lb.name);
 
     println!("\n== 300 short connections (connect, read the backend's name, close)");
@@ -60,6 +64,8 @@ fn balance() {
 
     println!("\n== lb status");
     print!("{}", agent.cli(&["status"]).expect("lb status"));
+    println!("\n== lb conntrack: client <-> the balancer's port <-> backend");
+    print!("{}", agent.cli(&["conntrack", "--state", "established"]).expect("lb conntrack"));
     for h in held.iter().chain(&more) {
         h.close().unwrap();
     }
@@ -147,5 +153,7 @@ fn failover() {
     }
     println!("\n== lb status");
     print!("{}", agent.cli(&["status"]).expect("lb status"));
+    println!("\n== lb conntrack: client <-> the balancer's port <-> backend");
+    print!("{}", agent.cli(&["conntrack", "--state", "established"]).expect("lb conntrack"));
     println!("\n== removing the lab");
 }
