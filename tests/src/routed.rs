@@ -69,8 +69,8 @@ pub fn balancer_scheduling(weights: &[u32], max_flows: u32, scheduler: Scheduler
 /// The same service in full NAT, with source ports `snat_ports` and the
 /// default source address (this host's on the backends' network:
 /// `BALANCER`).
-pub fn balancer_full_nat(weights: &[u32], snat_ports: [u16; 2]) -> Balancer {
-    let mut balancer = Balancer::new(Datapath::load(1024).expect("load the XDP program"));
+pub fn balancer_full_nat(weights: &[u32], max_flows: u32, snat_ports: [u16; 2]) -> Balancer {
+    let mut balancer = Balancer::new(Datapath::load(max_flows).expect("load the XDP program"));
     let service = ServiceConfig { mode: Mode::FullNat, snat_ports, ..service(weights, Scheduler::LeastConn) };
     balancer.add_service(&service).unwrap();
     balancer

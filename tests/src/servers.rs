@@ -226,3 +226,17 @@ impl Drop for EchoProcess {
         self.kill();
     }
 }
+
+/// `len` pseudo-random bytes (xorshift), so that a lost, duplicated or
+/// reordered segment shows in what is echoed back.
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}

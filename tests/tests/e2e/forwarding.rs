@@ -8,7 +8,7 @@ use std::{
 
 use lb_tests::{
     lab::{start, LB_CLIENT_SIDE, VIP},
-    servers::{connect, request, IO_TIMEOUT},
+    servers::{connect, pseudo_random, request, IO_TIMEOUT},
 };
 
 #[test]
@@ -16,16 +16,7 @@ fn a_20_mb_transfer_arrives_byte_exact_both_ways() {
     let running = start(&[1, 1, 1], "");
     let (lab, agent) = (&running.lab, &running.agent);
 
-    // Pseudo-random bytes, so a dropped, duplicated or reordered segment shows.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..20 * 1024 * 1024)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = pseudo_random(20 * 1024 * 1024);
     let held = connect(&lab.client, VIP).unwrap();
     let echoed = held.round_trip(&data).expect("transfer through the balancer");
     assert!(echoed == data, "the echoed 20 MB differ from what was sent");

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 use lb_tests::{
     lab::{Agent, Lab, LB_SERVER_SIDE, VIP},
     serial,
-    servers::{connect, request},
+    servers::{connect, pseudo_random, request},
 };
 
 fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
@@ -15,18 +15,6 @@ fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
         .replace("mode = \"nat\"", "mode = \"fullnat\"")
 }
 
-/// Pseudo-random bytes, so a dropped, duplicated or reordered segment shows.
-fn data(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// What every test of a mode checks: spread, least connections with held
 /// connections, who the backends see, counts back to 0, a 20 MB transfer.
@@ -65,7 +53,7 @@ fn balances_as_nat_does(lab: &Lab, agent: &Agent) {
         s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
     });
 
-    let sent = data(20 * 1024 * 1024);
+    let sent = pseudo_random(20 * 1024 * 1024);
     let held = connect(&lab.client, VIP).unwrap();
     let echoed = held.round_trip(&sent).expect("a 20 MB transfer through full NAT");
     assert!(echoed == sent, "the echoed 20 MB differ from what was sent");

@@ -8,25 +8,13 @@ use std::time::Duration;
 use lb_tests::{
     lab::{Agent, Lab, LB_CLIENT_SIDE, LB_SERVER_SIDE, VIP},
     serial,
-    servers::connect,
+    servers::{connect, pseudo_random},
 };
 
 fn counter(agent: &Agent, name: &str) -> u64 {
     agent.status()["counters"][name].as_u64().unwrap()
 }
 
-/// Pseudo-random bytes, so a lost, duplicated or reordered segment shows.
-fn data(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 /// The balancer's link on one side takes 1400-byte packets, while the host
 /// on the other side is told (by the MSS its peer announces, 1460) that
@@ -54,7 +42,7 @@ fn eight_mb_both_ways_with_a_narrow_link(narrow: Side) {
     let _servers = lab.start_servers();
     let agent = lab.start_agent(&lab.config(&[1], ""));
 
-    let data = data(8 << 20);
+    let data = pseudo_random(8 << 20);
     let held = connect(&lab.client, VIP).expect("connect through the balancer");
     let echoed = held.round_trip(&data).expect("8 MB through a narrow link and back, within the I/O timeout");
     assert!(echoed == data, "the echoed 8 MB differ from what was sent");

@@ -16,7 +16,7 @@ fn with_full_nat<T: Send>(weights: &[u32], ports: [u16; 2], test: impl FnOnce(&m
     let _serial = serial();
     let ns = routed_host(4);
     let weights = weights.to_vec();
-    ns.run(move || test(&mut balancer_full_nat(&weights, ports)))
+    ns.run(move || test(&mut balancer_full_nat(&weights, 1024, ports)))
 }
 
 /// The client's SYN from `port`: where it went, as (balancer side, backend).

@@ -138,6 +138,13 @@ pub fn run() -> (String, Vec<Check>) {
             add(&case, time(&b, &syns(0, CALLS), XDP_REDIRECT));
             assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
         }
+        // Full NAT: the SYN also takes a port (its reply entry inserted
+        // only where free).
+        let case = "new flow (SYN), 3 backends, fullnat";
+        if wanted(case) {
+            let b = lb_tests::routed::balancer_full_nat(&[1, 1, 1], 1_000_000, lb::config::DEFAULT_SNAT_PORTS);
+            add(case, time(&b, &syns(0, CALLS), XDP_REDIRECT));
+        }
         // `lb trace` on, every SYN logged (a line and its three eligible
         // backends' loads), the log read between calls as the agent does.
         let case = "new flow (SYN), 3 backends, lb trace on";
