@@ -20,11 +20,14 @@ fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
 /// connections, who the backends see, counts back to 0, a 20 MB transfer.
 fn balances_as_nat_does(lab: &Lab, agent: &Agent) {
     let mut spread = BTreeMap::new();
-    for i in 0..30 {
+    // Each closes before the next, so ties are broken at random: 90 of
+    // them leave each backend 10 or more but with a chance of about 1 in
+    // 3,000.
+    for i in 0..90 {
         *spread.entry(request(&lab.client, VIP).unwrap_or_else(|e| panic!("request {i}: {e}"))).or_insert(0) += 1;
     }
     assert_eq!(spread.len(), 3, "{spread:?}");
-    assert!(spread.values().all(|&n| n >= 5), "{spread:?}");
+    assert!(spread.values().all(|&n| n >= 10), "{spread:?}");
 
     let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
     let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
