@@ -2,13 +2,16 @@
 //! checksums recomputed from scratch, a port of the balancer's per flow,
 //! taken per backend, never one a live or recently closed flow holds, and
 //! exhaustion dropped and counted.
-use std::{collections::HashSet, net::SocketAddrV4};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use lb::datapath::{Maps, XDP_DROP, XDP_REDIRECT};
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
-    packet::{inspect, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, SYN},
-    routed::{backend, balancer_full_nat, client, counter, routed_host, run, BALANCER, VIP},
+    packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, PSH, SYN},
+    routed::{backend, balancer_full_nat, client, counter, routed_host, run, BALANCER, CLIENT, VIP},
     serial,
 };
 
@@ -113,5 +116,41 @@ fn a_closed_flows_port_stays_taken_while_the_backend_may_hold_time_wait() {
         let (again, _) = syn(b, 42001).expect("the port is free again");
         assert_eq!(again, ours);
         assert_eq!(b.datapath.flows().len(), 2, "one flow, both entries");
+    });
+}
+
+#[test]
+fn icmp_errors_about_a_full_nat_flow_are_translated_at_both_ends() {
+    with_full_nat(&[1], [20000, 29999], |b| {
+        let (ours, _) = syn(b, 43000).unwrap();
+        assert_eq!(run(b, &Tcp::new(backend(0), ours, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1).frame()).0, XDP_REDIRECT);
+        let ack = Tcp::new(client(43000), VIP, ACK | PSH).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1).payload(&[5; 1000]);
+        let (_, forwarded) = run(b, &ack.frame());
+
+        // A router on the backends' side quotes the segment as the balancer
+        // sent it (balancer port → backend): the client gets it about its
+        // own packet (client → VIP).
+        let router = Ipv4Addr::new(198, 19, 0, 254);
+        let err = icmp_error(router, *ours.ip(), 3, 4, [0, 0, 0x05, 0x78], &forwarded[14..]);
+        let (verdict, out) = run(b, &err);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let icmp = inspect_icmp(&out);
+        assert_eq!((icmp.src, icmp.dst), (router, CLIENT));
+        assert_eq!((icmp.quoted_src, icmp.quoted_dst), (client(43000), VIP));
+        assert!(quoted_tcp_checksum_is_right(&icmp.quoted), "the quoted TCP checksum follows both rewrites");
+
+        // A router on the clients' side quotes a reply (VIP → client): the
+        // backend gets it about its own packet (backend → balancer port),
+        // from the balancer, the only address it knows.
+        let data = Tcp::new(backend(0), ours, ACK | PSH).seq(BACKEND_ISN + 1).ack(CLIENT_ISN + 1001).payload(&[6; 800]);
+        let (_, replied) = run(b, &data.frame());
+        let err = icmp_error(Ipv4Addr::new(198, 18, 0, 254), *VIP.ip(), 11, 0, [0; 4], &replied[14..]);
+        let (verdict, out) = run(b, &err);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let icmp = inspect_icmp(&out);
+        assert_eq!((icmp.src, icmp.dst), (BALANCER, *backend(0).ip()));
+        assert_eq!((icmp.quoted_src, icmp.quoted_dst), (backend(0), ours));
+        assert!(quoted_tcp_checksum_is_right(&icmp.quoted));
+        assert_eq!(counter(b, Counter::IcmpTranslated), 2);
     });
 }
