@@ -10,7 +10,11 @@ use lb_tests::{
 };
 
 fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
-    lab.config(&[1, 1, 1], "")
+    weighted_full_nat_config(lab, interfaces, &[1, 1, 1])
+}
+
+fn weighted_full_nat_config(lab: &Lab, interfaces: &str, weights: &[u32]) -> String {
+    lab.config(weights, "")
         .replace("interfaces = [\"cli\", \"srv\"]", &format!("interfaces = {interfaces}"))
         .replace("mode = \"nat\"", "mode = \"fullnat\"")
 }
@@ -103,4 +107,44 @@ fn one_arm_full_nat_takes_clients_and_backends_on_one_interface() {
     balances_as_nat_does(&lab, &agent);
     let conntrack: serde_json::Value = serde_json::from_str(&agent.cli(&["conntrack", "--json"]).unwrap()).unwrap();
     assert!(conntrack["flows"].as_array().unwrap().iter().all(|f| f["client"].as_str().unwrap().starts_with("198.19.0.2:")));
+}
+
+#[test]
+fn weights_drain_and_a_dead_backend_work_in_full_nat_as_in_nat() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    lab.backends_without_routes();
+    let mut servers = lab.start_servers();
+    let agent = lab.start_agent(&weighted_full_nat_config(&lab, "[\"cli\", \"srv\"]", &[1, 2, 1]));
+
+    // Weights: least connections per unit of weight.
+    let held: Vec<_> = (0..8).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
+    assert_eq!(active, [2, 4, 2]);
+
+    // Drain b1: no new flows; --wait returns once its last flow has ended.
+    let b1 = lb_tests::lab::backend_addr(0).to_string();
+    agent.cli(&["backend", "drain", "web", &b1]).unwrap();
+    for _ in 0..6 {
+        assert_ne!(request(&lab.client, VIP).unwrap(), "b1", "a draining backend takes no new flow");
+    }
+    for h in held.iter().filter(|h| h.backend == "b1") {
+        h.close().unwrap();
+    }
+    agent.cli(&["backend", "drain", "web", &b1, "--wait", "--timeout", "5"]).expect("drained");
+    for h in held.iter().filter(|h| h.backend != "b1") {
+        h.close().unwrap();
+    }
+    agent.cli(&["backend", "enable", "web", &b1]).unwrap();
+
+    // b3 dies (its port refuses): its refusals come back to the balancer's
+    // port, the SYN moves on, no request fails.
+    drop(servers.remove(2));
+    for i in 0..30 {
+        let name = request(&lab.client, VIP).unwrap_or_else(|e| panic!("request {i} after b3 died: {e}"));
+        assert_ne!(name, "b3");
+    }
+    agent.wait_for("b3 down", Duration::from_secs(5), |s| {
+        s["services"][0]["backends"][2]["state"] == "down"
+    });
 }
