@@ -45,9 +45,9 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 16);
+        assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<Candidate>(), 12);
-        assert_eq!(size_of::<BackendSet>(), 16 + (16 + 12) * MAX_BACKENDS as usize + PICK_TABLE);
+        assert_eq!(size_of::<BackendSet>(), 16 + (20 + 12) * MAX_BACKENDS as usize + PICK_TABLE);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<Flow>(), 72);
         assert_eq!(size_of::<NextHop>(), 24);
@@ -66,12 +66,13 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 68] = [
+    let numbers: [usize; 69] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
         offset_of!(Service, snat_count), offset_of!(Service, port_first),
         size_of::<Backend>(), offset_of!(Backend, addr), offset_of!(Backend, port), offset_of!(Backend, flags),
         offset_of!(Backend, tier), offset_of!(Backend, weight), offset_of!(Backend, max_conns),
+        offset_of!(Backend, snat_addr),
         size_of::<Candidate>(), offset_of!(Candidate, per_connection), offset_of!(Candidate, cap),
         offset_of!(Candidate, slot), offset_of!(Candidate, tier),
         size_of::<BackendSet>(), offset_of!(BackendSet, len), offset_of!(BackendSet, candidate_count),

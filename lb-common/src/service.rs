@@ -35,7 +35,8 @@ pub struct Service {
     /// `SERVICE_*`.
     pub flags: u32,
     /// Full NAT: the addresses backends see flows come from (network byte
-    /// order), the first `snat_count`.
+    /// order), the first `snat_count`; none: each backend's own
+    /// (`Backend::snat_addr`).
     pub snat_addrs: [u32; MAX_SNAT_ADDRS],
     pub snat_count: u32,
     /// Full NAT: the source ports, `port_first..=port_last` (host order).
@@ -66,6 +67,9 @@ pub struct Backend {
     pub weight: u32,
     /// Cap on active connections; 0 is no cap.
     pub max_conns: u32,
+    /// Full NAT without configured source addresses: the address this host
+    /// reaches the backend from (network byte order); 0 otherwise.
+    pub snat_addr: u32,
 }
 
 // How a service chooses among its candidates (`BackendSet::scheduler`):

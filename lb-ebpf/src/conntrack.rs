@@ -633,14 +633,21 @@ const TABLE_FULL: u64 = 1;
 #[inline(always)]
 fn take_port(key: &FlowKey, service: &Service, backend: &Backend, reply: &mut Flow) -> u64 {
     let count = service.snat_count;
-    if count == 0 || count as usize > MAX_SNAT_ADDRS || service.port_last < service.port_first {
+    if count as usize > MAX_SNAT_ADDRS || service.port_last < service.port_first {
         return NO_PORT;
     }
-    let random = unsafe { bpf_get_prandom_u32() };
-    // Opaque, so LLVM keeps the mask the verifier needs (it proves it
-    // redundant, count being at most 4, and would drop it).
-    let index = core::hint::black_box((random % count) as usize) & (MAX_SNAT_ADDRS - 1);
-    let addr = service.snat_addrs[index];
+    let addr = if count == 0 {
+        backend.snat_addr
+    } else {
+        let random = unsafe { bpf_get_prandom_u32() };
+        // Opaque, so LLVM keeps the mask the verifier needs (it proves it
+        // redundant, count being at most 4, and would drop it).
+        let index = core::hint::black_box((random % count) as usize) & (MAX_SNAT_ADDRS - 1);
+        service.snat_addrs[index]
+    };
+    if addr == 0 {
+        return NO_PORT;
+    }
     let range = (service.port_last - service.port_first) as u32 + 1;
     for _ in 0..PORT_TRIES {
         let port = service.port_first + (unsafe { bpf_get_prandom_u32() } % range) as u16;

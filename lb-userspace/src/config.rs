@@ -163,8 +163,8 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub on_backend_down: DownPolicy,
     /// Full NAT: the balancer's addresses backends see the flows come from
-    /// (at most 4); by default the address of the interface that reaches
-    /// the first backend.
+    /// (at most 4); by default each backend's: the address of the interface
+    /// that reaches it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snat_addresses: Vec<std::net::Ipv4Addr>,
     /// Full NAT: the source ports, first and last. The agent reserves them

@@ -201,6 +201,8 @@ impl Service {
                 tier: m.config.backup as u8,
                 weight: m.config.weight,
                 max_conns,
+                // Filled in by reconciliation, which can ask the kernel.
+                snat_addr: 0,
             };
         }
         set.index_candidates();

@@ -257,7 +257,15 @@ fn the_backend_set_carries_addresses_tiers_weights_and_eligibility() {
     assert_eq!(set.scheduler, SCHEDULER_RANDOM_TWO);
     assert_eq!(
         set.slots[0],
-        Backend { addr: wire_addr(*addr(1).ip()), port: 80u16.to_be(), flags: BACKEND_ELIGIBLE, tier: 0, weight: 3, max_conns: 0 }
+        Backend {
+            addr: wire_addr(*addr(1).ip()),
+            port: 80u16.to_be(),
+            flags: BACKEND_ELIGIBLE,
+            tier: 0,
+            weight: 3,
+            max_conns: 0,
+            snat_addr: 0
+        }
     );
     assert_eq!((set.slots[1].tier, set.slots[1].weight), (1, 1));
     // The candidates: the primary first, then the backup; weight 0 none.
@@ -359,6 +367,7 @@ fn pinned(set_backends: &[(u8, bool)]) -> BackendSet {
             tier: 0,
             weight: 1,
             max_conns: 0,
+            snat_addr: 0,
         };
     }
     set

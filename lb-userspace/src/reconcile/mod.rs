@@ -265,25 +265,41 @@ impl<M: Maps> Balancer<M> {
     }
 
     /// What the data path is told of a service. In full NAT: its source
-    /// addresses (the configured ones, or the address this host reaches its
-    /// first backend from) and ports.
+    /// addresses (none configured: each backend has its own, see
+    /// `fill_source_addresses`) and ports.
     fn service_value(&self, s: &crate::model::Service) -> lb_common::Service {
         let mut value = lb_common::Service { id: s.id, ..Default::default() };
         if s.mode != crate::config::Mode::FullNat {
             return value;
         }
         value.flags = lb_common::SERVICE_FULLNAT;
-        let addresses: Vec<std::net::Ipv4Addr> = if s.snat_addresses.is_empty() {
-            s.configured().next().and_then(|m| self.datapath.source_address(*m.config.address.ip())).into_iter().collect()
-        } else {
-            s.snat_addresses.clone()
-        };
-        for (i, a) in addresses.iter().take(lb_common::MAX_SNAT_ADDRS).enumerate() {
+        for (i, a) in s.snat_addresses.iter().take(lb_common::MAX_SNAT_ADDRS).enumerate() {
             value.snat_addrs[i] = crate::datapath::wire_addr(*a);
             value.snat_count = i as u32 + 1;
         }
         [value.port_first, value.port_last] = s.snat_ports;
         value
+    }
+
+    /// Full NAT without configured source addresses: each backend is
+    /// reached from the address of the interface that reaches it, as the
+    /// kernel's route says when the backend is first written (kept after,
+    /// so that the route is not asked at every write).
+    fn fill_source_addresses(&self, service: u32, set: &mut BackendSet) {
+        let written = self.written.get(&service);
+        for (i, slot) in set.slots[..set.len.min(lb_common::MAX_BACKENDS) as usize].iter_mut().enumerate() {
+            if slot.addr == 0 {
+                continue;
+            }
+            let known = written.map(|w| w.slots[i]).filter(|w| w.addr == slot.addr && w.snat_addr != 0);
+            slot.snat_addr = match known {
+                Some(w) => w.snat_addr,
+                None => self
+                    .datapath
+                    .source_address(crate::datapath::host_addr(slot.addr))
+                    .map_or(0, crate::datapath::wire_addr),
+            };
+        }
     }
 
     /// Writes the model's services into the maps where they differ from what
@@ -292,7 +308,10 @@ impl<M: Maps> Balancer<M> {
     fn write(&mut self, now: Instant) -> Result<()> {
         for s in &self.model.services {
             let active = self.datapath.active_counts(s.id)?;
-            let set = s.backend_set(&active.active, now);
+            let mut set = s.backend_set(&active.active, now);
+            if s.mode == crate::config::Mode::FullNat && s.snat_addresses.is_empty() {
+                self.fill_source_addresses(s.id, &mut set);
+            }
             let same = self.written.get(&s.id).is_some_and(|w| {
                 w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots
             });

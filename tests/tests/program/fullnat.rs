@@ -154,3 +154,39 @@ fn icmp_errors_about_a_full_nat_flow_are_translated_at_both_ends() {
         assert_eq!(counter(b, Counter::IcmpTranslated), 2);
     });
 }
+
+#[test]
+fn each_backend_sees_the_address_of_the_interface_that_reaches_it() {
+    let _serial = serial();
+    let ns = routed_host(1);
+    // A second backends' network, on an interface of its own.
+    let other = SocketAddrV4::new(Ipv4Addr::new(198, 20, 0, 11), 8080);
+    ns.exec(&format!(
+        "ip link add srv2 type veth peer srv2-peer && ip link set srv2 up && ip link set srv2-peer up \
+         && ip addr add 198.20.0.1/24 dev srv2 && ip neigh add {} lladdr 02:00:00:02:00:01 dev srv2 nud permanent",
+        other.ip()
+    ));
+    ns.run(|| {
+        let mut b = lb::reconcile::Balancer::new(lb::datapath::Datapath::load(1024).unwrap());
+        let service = lb::config::ServiceConfig {
+            name: "web".into(),
+            vip: VIP,
+            scheduler: Default::default(),
+            mode: lb::config::Mode::FullNat,
+            health: None,
+            on_backend_down: Default::default(),
+            snat_addresses: Vec::new(),
+            snat_ports: lb::config::DEFAULT_SNAT_PORTS,
+            backends: vec![lb::config::BackendConfig::new(backend(0), 1), lb::config::BackendConfig::new(other, 1)],
+        };
+        b.add_service(&service).unwrap();
+        let mut sources = HashSet::new();
+        for port in 0..6 {
+            let (ours, to) = syn(&b, 44000 + port).unwrap();
+            let expected = if to == other { Ipv4Addr::new(198, 20, 0, 1) } else { BALANCER };
+            assert_eq!(*ours.ip(), expected, "towards {to}");
+            sources.insert(*ours.ip());
+        }
+        assert_eq!(sources.len(), 2, "both backends took flows");
+    });
+}
