@@ -215,6 +215,7 @@ mod tests {
             tier,
             weight,
             max_conns,
+            snat_addr: 0,
         };
         set.slots[0] = backend(1, 1, true, 0);
         set.slots[1] = backend(0, 4, true, 7);
