@@ -484,7 +484,10 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     // address and port of the balancer's, taken by inserting the reply entry
     // under them (full NAT).
     let (peer_addr, peer_port) = if full_nat {
-        let taken = take_port(key, service_row, &backend, &mut scratch.reply);
+        let mut taken = take_port(key, service_row, &backend, &mut scratch.reply);
+        if taken == TABLE_FULL && make_room(now) {
+            taken = take_port(key, service_row, &backend, &mut scratch.reply);
+        }
         if taken == NO_PORT {
             return Opened::Drop(Some(Counter::SnatPortsExhausted));
         }
