@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD};
+use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD, MODE_FULLNAT};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -142,34 +142,32 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
     // The quote: both ends as the flow's rewrite sets them, and the quoted
     // checksums, which change by what the rewrite of a packet of this
     // entry's direction changes. The outer header goes where the quote's
-    // source now is; in full NAT it comes from the balancer's address, the
-    // only one the backend knows.
+    // source now is.
     let old_inner_check = u16::from_ne_bytes(inner.check);
     let new_inner_check = apply(old_inner_check, flow.ip_csum_diff);
     inner.check = new_inner_check.to_ne_bytes();
     let mut icmp_sum = diff16(old_inner_check, new_inner_check);
+    // A forward entry rewrites the quote (a reply, as the client got it)
+    // back to the backend's own packet; a reply entry, the quote (a
+    // forward packet, as the backend got it) back to the client's.
+    let forward = flow.direction == DIR_FORWARD;
+    let (nat, peer) = ((flow.nat_addr, flow.nat_port), (flow.peer_addr, flow.peer_port));
+    let (src, dst) = if forward { (nat, peer) } else { (peer, nat) };
+    icmp_sum += diff32(quoted.saddr, src.0) + diff16(quoted.sport, src.1);
+    icmp_sum += diff32(quoted.daddr, dst.0) + diff16(quoted.dport, dst.1);
+    inner.src_addr = src.0.to_ne_bytes();
+    ports[0..2].copy_from_slice(&src.1.to_ne_bytes());
+    inner.dst_addr = dst.0.to_ne_bytes();
+    ports[2..4].copy_from_slice(&dst.1.to_ne_bytes());
     let (outer_src, outer_dst) = (u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr));
-    let (new_src, new_dst);
-    if flow.direction == DIR_FORWARD {
-        icmp_sum += diff32(quoted.saddr, flow.nat_addr) + diff16(quoted.sport, flow.nat_port);
-        icmp_sum += diff32(quoted.daddr, flow.peer_addr) + diff16(quoted.dport, flow.peer_port);
-        inner.src_addr = flow.nat_addr.to_ne_bytes();
-        ports[0..2].copy_from_slice(&flow.nat_port.to_ne_bytes());
-        inner.dst_addr = flow.peer_addr.to_ne_bytes();
-        ports[2..4].copy_from_slice(&flow.peer_port.to_ne_bytes());
-        new_dst = flow.nat_addr;
-        new_src = if flow.peer_addr != quoted.daddr { flow.peer_addr } else { outer_src };
+    let (new_src, new_dst) = if forward {
+        // To the backend: from the balancer in full NAT, the only address
+        // the backend knows.
+        (if flow.mode == MODE_FULLNAT { flow.peer_addr } else { outer_src }, flow.nat_addr)
     } else {
-        icmp_sum += diff32(quoted.daddr, flow.nat_addr) + diff16(quoted.dport, flow.nat_port);
-        icmp_sum += diff32(quoted.saddr, flow.peer_addr) + diff16(quoted.sport, flow.peer_port);
-        inner.dst_addr = flow.nat_addr.to_ne_bytes();
-        ports[2..4].copy_from_slice(&flow.nat_port.to_ne_bytes());
-        inner.src_addr = flow.peer_addr.to_ne_bytes();
-        ports[0..2].copy_from_slice(&flow.peer_port.to_ne_bytes());
-        new_dst = flow.peer_addr;
-        // From the backend itself: it now comes from the VIP.
-        new_src = if outer_src == quoted.daddr { flow.nat_addr } else { outer_src };
-    }
+        // To the client: from the VIP where the backend itself sent it.
+        (if outer_src == quoted.daddr { flow.nat_addr } else { outer_src }, flow.peer_addr)
+    };
     ip.src_addr = new_src.to_ne_bytes();
     ip.dst_addr = new_dst.to_ne_bytes();
     if let Some(check) = err.inner_check {
