@@ -50,10 +50,21 @@ pub const MODE_FULLNAT: u8 = 1;
 pub const DIR_FORWARD: u8 = 0;
 /// Backend to client: the source is rewritten to the VIP.
 pub const DIR_REPLY: u8 = 1;
+/// A full-NAT flow's old reply entry, kept after the client reused the
+/// flow's 5-tuple for a new connection (which took a port of its own): the
+/// backend may hold the old connection in TIME_WAIT for a minute, and a new
+/// flow handed this port would have its SYN answered for the old one. Nothing
+/// is forwarded on it. It keeps the old client's `seq_next` and `ts_recent`:
+/// a new flow may take the port over with a SYN that TIME_WAIT accepts
+/// (`time_wait_accepts`); otherwise the agent removes it once the full-NAT
+/// hold of a closed flow (`flow_timeout`) has passed since `last_seen`.
+pub const DIR_HOLD: u8 = 2;
 
 /// Flow state bits, kept in the forward entry and changed only atomically.
 /// A flow is half-open from the client's SYN until `FLOW_ESTABLISHED`; it is
 /// closed by an exact RST, FINs both ways, the agent, or aging.
+/// In a reply entry or a hold, the generation alone: whoever takes the entry
+/// over or removes it moves it by compare-and-swap.
 pub const FLOW_CLIENT_FIN: u32 = 1;
 pub const FLOW_BACKEND_FIN: u32 = 2;
 /// An RST whose sequence number was exactly what its receiver expected.
@@ -128,7 +139,8 @@ pub struct Flow {
     pub peer_port: u16,
     /// `MODE_*`, set when the flow opens.
     pub mode: u8,
-    pub _pad: u8,
+    /// 1 when `ts_recent` holds a timestamp this direction's sender sent.
+    pub ts_seen: u8,
     /// What this direction's sender has sent, acknowledged and offered, as
     /// seen here: its next sequence number (SND.NXT), the last number it
     /// acknowledged (its RCV.NXT), and the largest receive window it offered,
@@ -143,6 +155,25 @@ pub struct Flow {
     /// Where this direction's packets go; reused for `Clock::hop_ttl`, so
     /// most packets skip the route lookup.
     pub hop: NextHop,
+    /// The timestamp (RFC 7323 TSval) on the last of this direction's
+    /// closing segments, as the other end's TIME_WAIT remembers it: a full-NAT
+    /// port may go to a new flow whose SYN that TIME_WAIT will accept
+    /// (`time_wait_accepts`). Forward entries and holds only.
+    pub ts_recent: u32,
+    pub _pad: u32,
+}
+
+/// Whether an endpoint in TIME_WAIT accepts a new connection's SYN on the
+/// same 4-tuple (RFC 6191, as Linux and the BSDs do it): by timestamps when
+/// both the old connection's last segment and the SYN carry one (newer wins),
+/// otherwise by sequence numbers (the SYN's beyond what the old connection
+/// sent). `old_seq_next` and `old_ts` are what the old connection's sender
+/// sent last; `syn_ts` is `None` for a SYN without the option.
+pub const fn time_wait_accepts(old_seq_next: u32, old_ts: Option<u32>, syn_seq: u32, syn_ts: Option<u32>) -> bool {
+    match (old_ts, syn_ts) {
+        (Some(old), Some(new)) => seq_after(new, old),
+        _ => seq_after(syn_seq, old_seq_next),
+    }
 }
 
 /// Where a CPU's ring of recently opened flows is written next, and where
@@ -238,6 +269,21 @@ pub const fn flow_timeout(t: &Timeouts, state: u32, mode: u8) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_wait_accepts_by_timestamps_when_both_have_them_else_by_sequence_numbers() {
+        // Timestamps decide, whatever the sequence numbers say.
+        assert!(time_wait_accepts(1000, Some(50), 10, Some(51)));
+        assert!(!time_wait_accepts(1000, Some(50), 5000, Some(50)));
+        assert!(!time_wait_accepts(1000, Some(50), 5000, Some(49)));
+        // Across the wrap of either.
+        assert!(time_wait_accepts(1000, Some(u32::MAX - 5), 10, Some(3)));
+        assert!(time_wait_accepts(u32::MAX - 5, None, 3, None));
+        // Either without: the SYN must start beyond what the old one sent.
+        assert!(time_wait_accepts(1000, Some(50), 1001, None));
+        assert!(!time_wait_accepts(1000, None, 1000, Some(99)));
+        assert!(!time_wait_accepts(1000, None, 999, None));
+    }
 
     #[test]
     fn closed_when_reset_expired_or_both_fins() {

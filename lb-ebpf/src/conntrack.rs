@@ -39,8 +39,8 @@ use aya_ebpf::{
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, seq_after, Backend, Counter, Flow, FlowKey, Service, ServiceKey,
-    Timeouts, DIR_FORWARD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_FULLNAT, MODE_NAT, SERVICE_FULLNAT, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
+    flow_closed, flow_last_active, flow_timeout, seq_after, time_wait_accepts, Backend, Counter, Flow, FlowKey, Service, ServiceKey,
+    Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_FULLNAT, MODE_NAT, SERVICE_FULLNAT, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
 };
@@ -50,7 +50,7 @@ use crate::{
     clock::Now,
     maps::{ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, SERVICES},
     nat::csum_diffs,
-    parse::{window_scale, TcpPacket},
+    parse::{tcp_options, TcpOptions, TcpPacket},
     schedule, stats,
 };
 
@@ -103,6 +103,11 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
     if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0 {
         return Tracked::Drop(Counter::MalformedTcp);
     }
+    if own.direction == DIR_HOLD {
+        // The backend on an old connection's port (its TIME_WAIT answering,
+        // say): no flow of ours any more.
+        return Tracked::Drop(Counter::OutOfState);
+    }
     if own.direction == DIR_REPLY && own.last_seen == 0 {
         return first_answer(ctx, pkt, key, own, now);
     }
@@ -112,6 +117,7 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         if flow_closed(state) {
             // Trailing segments of a closed flow (the last ACK, a
             // retransmitted FIN) still reach their endpoint.
+            note_closing_timestamp(ctx, pkt, own);
             touch(own, now);
             return Tracked::Forward;
         }
@@ -145,9 +151,27 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         if let Some(dropped) = judge_close(pkt, key, own) {
             return Tracked::Drop(dropped);
         }
+        if forward && flags & TCP_FIN != 0 {
+            note_closing_timestamp(ctx, pkt, own);
+        }
     }
     learn(own, pkt, now);
     Tracked::Forward
+}
+
+/// Keeps the timestamp of a full-NAT client's closing segment: should the
+/// backend hold the connection in TIME_WAIT, it compares a new SYN on the
+/// same port with it (`take_over`).
+#[inline(always)]
+fn note_closing_timestamp(ctx: &XdpContext, pkt: &TcpPacket, forward: &mut Flow) {
+    if forward.mode != MODE_FULLNAT {
+        return;
+    }
+    let options = tcp_options(ctx, pkt);
+    if options.ts_seen != 0 && (forward.ts_seen == 0 || seq_after(options.ts, forward.ts_recent)) {
+        forward.ts_recent = options.ts;
+        forward.ts_seen = 1;
+    }
 }
 
 /// Whether a segment's numbers are near enough to what its sender has sent
@@ -167,7 +191,7 @@ fn settled(own: &Flow) -> bool {
     if own.direction == DIR_FORWARD {
         own.state & (FLAG_BITS & !FLOW_BACKEND_FIN & !FLOW_CLIENT_FIN) == FLOW_ESTABLISHED
     } else {
-        own.last_seen != 0
+        own.direction == DIR_REPLY && own.last_seen != 0
     }
 }
 
@@ -277,7 +301,7 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     if pkt.flags & TCP_SYN == 0 || !acks_syn {
         return Tracked::Drop(Counter::OutOfState);
     }
-    reply.wscale = window_scale(ctx, pkt);
+    reply.wscale = tcp_options(ctx, pkt).scale as u8;
     // The window of a SYN-ACK is never scaled (RFC 7323 §2.2).
     reply.window = pkt.window();
     reply.seq_next = pkt.seq_end();
@@ -376,6 +400,8 @@ pub fn syn_opens(key: &FlowKey, existing: Option<*mut Flow>, now: &Now) -> Optio
     match existing {
         None => Some(schedule::NO_SLOT),
         Some(entry) if reusable(entry) => Some(schedule::NO_SLOT),
+        // A SYN on a reply entry's or a held port's key opens nothing.
+        Some(entry) if unsafe { (*entry).direction } != DIR_FORWARD => None,
         Some(entry) if unanswered(key, entry, now) => {
             count_unanswered(entry);
             Some(unsafe { (*entry).slot } as u32)
@@ -458,6 +484,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     let backend = choice.backend;
     let full_nat = service.flags & SERVICE_FULLNAT != 0;
     let mode = if full_nat { MODE_FULLNAT } else { MODE_NAT };
+    let options = tcp_options(ctx, pkt);
     let service_row = service;
     let service = service_id as u16;
     // The two entries are built in this CPU's scratch, not on the stack,
@@ -484,9 +511,10 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     // address and port of the balancer's, taken by inserting the reply entry
     // under them (full NAT).
     let (peer_addr, peer_port) = if full_nat {
-        let mut taken = take_port(key, service_row, &backend, &mut scratch.reply);
+        let syn = (pkt.seq(), options);
+        let mut taken = take_port(key, service_row, &backend, &mut scratch.reply, syn);
         if taken == TABLE_FULL && make_room(now) {
-            taken = take_port(key, service_row, &backend, &mut scratch.reply);
+            taken = take_port(key, service_row, &backend, &mut scratch.reply, syn);
         }
         if taken == NO_PORT {
             return Opened::Drop(Some(Counter::SnatPortsExhausted));
@@ -510,7 +538,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         peer_port,
         direction: DIR_FORWARD,
         mode,
-        wscale: window_scale(ctx, pkt),
+        wscale: options.scale as u8,
         ip_csum_diff: ip_diff,
         l4_csum_diff: l4_diff,
         seq_next: pkt.seq_end(),
@@ -558,7 +586,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
                 give_back(&reply_key);
                 return Opened::Drop(None);
             }
-            forward.state = (observed & !FLAG_BITS).wrapping_add(FLOW_GENERATION_ONE);
+            forward.state = next_generation(observed);
             if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, forward.state) {
                 give_back(&reply_key);
                 return Opened::Drop(None);
@@ -570,7 +598,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             }
             let old_reply_key = key.reply(unsafe { &*entry });
             if old_reply_key != reply_key {
-                let _ = FLOWS.remove(&old_reply_key);
+                release_reply(key, &old_reply_key, unsafe { &*entry }, observed, now);
             }
             unsafe { *entry = *forward };
         }
@@ -606,6 +634,53 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     Opened::Flow(&scratch.forward)
 }
 
+/// Lets go of the reply entry of a flow (`old`, whose state was
+/// `old_state`, on the client's `key`) whose 5-tuple a new flow has just
+/// taken over. A full-NAT flow's port that the backend answered on and that
+/// no RST ended stays taken, as a hold: the backend may keep the old
+/// connection in TIME_WAIT, and a new flow given the port with a SYN that
+/// TIME_WAIT refuses would stall (the one-second stall of balancers that
+/// hand ports out again at once). Other entries are removed. Either way only
+/// if the entry is still this flow's, claimed by compare-and-swap against a
+/// `take_over` on another CPU.
+#[inline(always)]
+fn release_reply(key: &FlowKey, reply_key: &FlowKey, old: &Flow, old_state: u32, now: u64) {
+    let Some(reply) = FLOWS.get_ptr_mut(reply_key) else {
+        return;
+    };
+    let (observed, ours, answered) = unsafe {
+        (
+            core::ptr::read_volatile(&(*reply).state),
+            (*reply).direction == DIR_REPLY && (*reply).peer_addr == key.saddr && (*reply).peer_port == key.sport,
+            (*reply).last_seen != 0,
+        )
+    };
+    if !ours || observed & FLOW_EXPIRED != 0 {
+        return;
+    }
+    if old.mode == MODE_FULLNAT && answered && old_state & FLOW_RESET == 0 {
+        if atomic::compare_exchange(unsafe { &mut (*reply).state }, observed, next_generation(observed)) {
+            unsafe {
+                (*reply).seq_next = old.seq_next;
+                (*reply).ts_recent = old.ts_recent;
+                (*reply).ts_seen = old.ts_seen;
+                (*reply).last_seen = now;
+                (*reply).direction = DIR_HOLD;
+            }
+        }
+        return;
+    }
+    if atomic::compare_exchange(unsafe { &mut (*reply).state }, observed, observed | FLOW_EXPIRED) {
+        let _ = FLOWS.remove(reply_key);
+    }
+}
+
+/// The state a reused entry starts from: no flags, the next generation.
+#[inline(always)]
+fn next_generation(state: u32) -> u32 {
+    (state & !FLAG_BITS).wrapping_add(FLOW_GENERATION_ONE)
+}
+
 /// The checksum differences of a reply's rewrite: the backend's address
 /// becomes the VIP, and the peer it answered the client.
 #[inline(always)]
@@ -634,7 +709,7 @@ const TABLE_FULL: u64 = 1;
 /// every port tried is taken, or `TABLE_FULL`. (Plain integers: an Option's
 /// payload would be spilled unset.)
 #[inline(always)]
-fn take_port(key: &FlowKey, service: &Service, backend: &Backend, reply: &mut Flow) -> u64 {
+fn take_port(key: &FlowKey, service: &Service, backend: &Backend, reply: &mut Flow, syn: (u32, TcpOptions)) -> u64 {
     let count = service.snat_count;
     if count as usize > MAX_SNAT_ADDRS || service.port_last < service.port_first {
         return NO_PORT;
@@ -660,11 +735,74 @@ fn take_port(key: &FlowKey, service: &Service, backend: &Backend, reply: &mut Fl
         let reply_key = FlowKey { saddr: backend.addr, daddr: addr, sport: backend.port, dport: port.to_be() };
         match FLOWS.insert(&reply_key, &*reply, BPF_NOEXIST as u64) {
             Ok(()) => return (addr as u64) << 16 | port as u64,
-            Err(e) if e == -EEXIST => continue,
+            Err(e) if e == -EEXIST => {
+                if take_over(&reply_key, reply, syn) {
+                    return (addr as u64) << 16 | port as u64;
+                }
+            }
             Err(_) => return TABLE_FULL,
         }
     }
     NO_PORT
+}
+
+/// Takes a port the table holds for a closed full-NAT flow (its reply
+/// entry, or the hold a reused 5-tuple left) for a new flow, when the
+/// backend will take the new SYN (`syn`: its sequence number and options)
+/// even if it still has the old connection in TIME_WAIT: the old one ended
+/// with an RST, or `time_wait_accepts` it (RFC 6191). Without this a port
+/// would wait out the whole hold after every connection, and a busy service
+/// would run out of ports at a few hundred connections a second. The entry
+/// is claimed by compare-and-swap, against another CPU's SYN, the agent's
+/// aging and the old flow's own reuse, and then rewritten in place as the
+/// new flow's reply entry (`reply`).
+#[inline(always)]
+fn take_over(reply_key: &FlowKey, reply: &Flow, syn: (u32, TcpOptions)) -> bool {
+    let Some(entry) = FLOWS.get_ptr_mut(reply_key) else {
+        return false;
+    };
+    let observed = unsafe { core::ptr::read_volatile(&(*entry).state) };
+    if observed & FLOW_EXPIRED != 0 {
+        return false;
+    }
+    // What the old connection's client sent last, as the backend's
+    // TIME_WAIT remembers it.
+    let old: &Flow = match unsafe { (*entry).direction } {
+        DIR_HOLD => unsafe { &*entry },
+        DIR_REPLY => {
+            let Some(forward) = forward_of_reply(reply_key, unsafe { &*entry }) else {
+                return false;
+            };
+            let forward = unsafe { &*forward };
+            let state = unsafe { core::ptr::read_volatile(&forward.state) };
+            let points_here = forward.peer_addr == reply_key.daddr && forward.peer_port == reply_key.dport;
+            if forward.mode != MODE_FULLNAT || !points_here || !flow_closed(state) || state & FLOW_EXPIRED != 0 {
+                return false;
+            }
+            if state & FLOW_RESET != 0 {
+                // An RST leaves no TIME_WAIT behind.
+                return claim(entry, observed, reply);
+            }
+            forward
+        }
+        _ => return false,
+    };
+    let (seq, options) = syn;
+    let old_ts = if old.ts_seen != 0 { Some(old.ts_recent) } else { None };
+    let syn_ts = if options.ts_seen != 0 { Some(options.ts) } else { None };
+    time_wait_accepts(old.seq_next, old_ts, seq, syn_ts) && claim(entry, observed, reply)
+}
+
+/// Makes `entry` (whose state was `observed`) `reply` if no other CPU has
+/// changed it meanwhile.
+#[inline(always)]
+fn claim(entry: *mut Flow, observed: u32, reply: &Flow) -> bool {
+    let state = next_generation(observed);
+    if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, state) {
+        return false;
+    }
+    unsafe { *entry = Flow { state, ..*reply } };
+    true
 }
 
 /// Ring entries one search for room looks at, at most.
@@ -765,14 +903,28 @@ pub fn answer_with_reset(flow: &Flow) -> bool {
     flow.direction == DIR_FORWARD && flow.state & FLOW_ABORTED != 0 && flow.state & FLOW_EXPIRED == 0
 }
 
-/// Removes a forward flow and its reply entry if it has been idle for its
-/// state's timeout. The agent calls this for flows its scan found idle; the
-/// check is made again here, atomically with the removal.
+/// Removes a forward flow and its reply entry, or a held port, if it has
+/// been idle for its state's timeout. The agent calls this for entries its
+/// scan found idle; the check is made again here, atomically with the
+/// removal.
 #[inline(always)]
 pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     let Some(forward) = FLOWS.get_ptr_mut(key) else {
         return false;
     };
+    if unsafe { (*forward).direction } == DIR_HOLD {
+        let (observed, last_seen) = unsafe { (core::ptr::read_volatile(&(*forward).state), (*forward).last_seen) };
+        let held_long_enough = now.saturating_sub(last_seen) >= flow_timeout(timeouts, FLOW_RESET, MODE_FULLNAT);
+        if observed & FLOW_EXPIRED != 0 || !held_long_enough {
+            return false;
+        }
+        // A SYN taking the port over meanwhile wins.
+        if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
+            return false;
+        }
+        let _ = FLOWS.remove(key);
+        return true;
+    }
     let (observed, last_seen, service, slot, mode) = unsafe {
         if (*forward).direction != DIR_FORWARD {
             return false;
@@ -785,13 +937,18 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     }
     let reply_key = key.reply(unsafe { &*forward });
     let mut replied_at = 0u64;
-    let mut reply_is_ours = false;
-    if let Some(reply) = FLOWS.get_ptr(&reply_key) {
+    // Unless a new full-NAT flow has taken the port over (`take_over`).
+    let mut reply_is_ours = None;
+    if let Some(reply) = FLOWS.get_ptr_mut(&reply_key) {
         unsafe {
-            reply_is_ours =
-                (*reply).direction == DIR_REPLY && (*reply).nat_addr == key.daddr && (*reply).nat_port == key.dport;
-            if reply_is_ours {
+            let ours = (*reply).direction == DIR_REPLY
+                && (*reply).nat_addr == key.daddr
+                && (*reply).nat_port == key.dport
+                && (*reply).peer_addr == key.saddr
+                && (*reply).peer_port == key.sport;
+            if ours {
                 replied_at = (*reply).last_seen;
+                reply_is_ours = Some((reply, core::ptr::read_volatile(&(*reply).state)));
             }
         }
     }
@@ -805,8 +962,12 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     if !flow_closed(observed) {
         release(service, slot, observed);
     }
-    if reply_is_ours {
-        let _ = FLOWS.remove(&reply_key);
+    if let Some((reply, reply_state)) = reply_is_ours {
+        if reply_state & FLOW_EXPIRED == 0
+            && atomic::compare_exchange(unsafe { &mut (*reply).state }, reply_state, reply_state | FLOW_EXPIRED)
+        {
+            let _ = FLOWS.remove(&reply_key);
+        }
     }
     let _ = FLOWS.remove(key);
     true

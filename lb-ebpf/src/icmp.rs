@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD, MODE_FULLNAT};
+use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD, DIR_HOLD, MODE_FULLNAT};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -134,6 +134,10 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
         return PASS;
     };
     let flow = unsafe { &*entry };
+    if flow.direction == DIR_HOLD {
+        // A held port's: the connection it concerns is gone.
+        return PASS;
+    }
     if ip.ttl <= 1 {
         crate::stats::count(Counter::IcmpNotSent);
         return XDP_DROP;

@@ -98,6 +98,7 @@ const MAX_OPTIONS: usize = 40;
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
 const OPT_WINDOW_SCALE: u8 = 3;
+const OPT_TIMESTAMPS: u8 = 8;
 /// RFC 7323: shifts above 14 are taken as 14.
 const MAX_WINDOW_SCALE: u8 = 14;
 
@@ -109,28 +110,38 @@ struct OptionWalk {
     bytes: [u8; MAX_OPTIONS + 4],
     len: u32,
     at: u32,
-    scale: u32,
+    found: TcpOptions,
 }
 
-/// The window scale a SYN or SYN-ACK announces (RFC 7323), 0 without the
-/// option. Only handshake packets carry it, so only they pay for the walk,
-/// which runs under `bpf_loop` so the verifier checks its step once.
+/// What the balancer reads in a segment's TCP options (RFC 7323): the
+/// window scale a SYN or SYN-ACK announces (0 without it) and the
+/// timestamp value (`ts_seen` 0 without it).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct TcpOptions {
+    pub scale: u32,
+    pub ts_seen: u32,
+    pub ts: u32,
+}
+
+/// The options of a handshake or closing segment. Only those pay for the
+/// walk, which runs under `bpf_loop` so the verifier checks its step once.
 #[inline(always)]
-pub fn window_scale(ctx: &XdpContext, pkt: &TcpPacket) -> u8 {
+pub fn tcp_options(ctx: &XdpContext, pkt: &TcpPacket) -> TcpOptions {
     let len = (pkt.header_len as usize).saturating_sub(TcpHdr::LEN).min(MAX_OPTIONS);
     if len == 0 {
-        return 0;
+        return TcpOptions::default();
     }
     let offset = pkt.tcp_offset as usize + TcpHdr::LEN;
-    let mut walk = OptionWalk { bytes: [0; MAX_OPTIONS + 4], len: len as u32, at: 0, scale: 0 };
+    let mut walk = OptionWalk { bytes: [0; MAX_OPTIONS + 4], len: len as u32, at: 0, found: TcpOptions::default() };
     let copied = unsafe {
         bpf_xdp_load_bytes(ctx.ctx as *mut _, offset as u32, walk.bytes.as_mut_ptr() as *mut c_void, len as u32)
     };
     if copied != 0 {
-        return 0;
+        return TcpOptions::default();
     }
     unsafe { bpf_loop(MAX_OPTIONS as u32, option_step as *mut c_void, &mut walk as *mut OptionWalk as *mut c_void, 0) };
-    walk.scale as u8
+    walk.found
 }
 
 /// One option: returns 1 to stop the walk.
@@ -152,8 +163,19 @@ extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
             0
         }
         OPT_WINDOW_SCALE if len == 3 => {
-            walk.scale = value.min(MAX_WINDOW_SCALE) as u32;
-            1
+            walk.found.scale = value.min(MAX_WINDOW_SCALE) as u32;
+            walk.at += 3;
+            0
+        }
+        OPT_TIMESTAMPS if len == 10 => {
+            let (Some(&b1), Some(&b2), Some(&b3)) = (walk.bytes.get(at + 3), walk.bytes.get(at + 4), walk.bytes.get(at + 5))
+            else {
+                return 1;
+            };
+            walk.found.ts = u32::from_be_bytes([value, b1, b2, b3]);
+            walk.found.ts_seen = 1;
+            walk.at += 10;
+            0
         }
         _ if len < 2 => 1,
         _ => {

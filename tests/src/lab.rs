@@ -37,7 +37,7 @@ pub struct Lab {
     pub backends: Vec<Netns>,
     pub dir: PathBuf,
     // Dropped last: the bridge the others hang off.
-    _switch: Netns,
+    pub switch: Netns,
 }
 
 impl Lab {
@@ -84,15 +84,15 @@ impl Lab {
         lb.exec("ethtool -K cli gro on >/dev/null && ethtool -K srv gro on >/dev/null");
         let dir = std::env::temp_dir().join(&lb.name);
         std::fs::create_dir_all(&dir).unwrap();
-        Self { client, lb, backends: backend_ns, dir, _switch: switch }
+        Self { client, lb, backends: backend_ns, dir, switch }
     }
 
     /// One-arm: gives the client a second link, onto the backends' network
     /// (198.19.0.2), and routes the VIP through the balancer's address there,
     /// so clients and backends reach the balancer through one interface.
     pub fn one_arm_client(&self) -> Ipv4Addr {
-        sh(&format!("ip link add eth1 netns {} type veth peer pc netns {}", self.client.name, self._switch.name));
-        self._switch.exec("ip link set pc master br0 && ip link set pc up");
+        sh(&format!("ip link add eth1 netns {} type veth peer pc netns {}", self.client.name, self.switch.name));
+        self.switch.exec("ip link set pc master br0 && ip link set pc up");
         self.client.exec(&format!(
             "ip addr add {ONE_ARM_CLIENT}/24 dev eth1 && ip link set eth1 up \
              && ethtool -K eth1 tx off tso off gso off gro on >/dev/null \

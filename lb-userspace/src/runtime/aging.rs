@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{flow_last_active, flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_REPLY};
+use lb_common::{
+    flow_last_active, flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, FLOW_RESET, MODE_FULLNAT,
+};
 
 use crate::{
     datapath::{Datapath, Maps},
@@ -64,8 +66,13 @@ impl Aging {
             Ok(r) => {
                 b.expired_total += r.expired as u64;
                 b.flows_seen = r.flows;
-                if r.expired > 0 || r.orphans_removed > 0 {
-                    tracing::debug!(expired = r.expired, orphans = r.orphans_removed, "aged flows");
+                if r.expired > 0 || r.orphans_removed > 0 || r.holds_released > 0 {
+                    tracing::debug!(
+                        expired = r.expired,
+                        orphans = r.orphans_removed,
+                        holds = r.holds_released,
+                        "aged flows"
+                    );
                 }
             }
             Err(e) => tracing::warn!("aging the connection table failed: {e:#}"),
@@ -85,6 +92,8 @@ pub struct AgingReport {
     pub flows: u64,
     pub expired: u32,
     pub orphans_removed: u32,
+    /// Full-NAT ports held for a backend's TIME_WAIT, let go.
+    pub holds_released: u32,
 }
 
 /// One aging scan. `look_for_orphans` also removes reply entries whose
@@ -124,6 +133,18 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
         if !idle.is_empty() {
             report.expired = datapath.expire(&idle, timeouts)?;
         }
+    }
+
+    // A held port goes when a closed full-NAT flow's would have, through the
+    // kernel too: a SYN may be taking it over at that moment.
+    let hold = flow_timeout(&ticks, FLOW_RESET, MODE_FULLNAT);
+    let held_out: Vec<FlowKey> = entries
+        .iter()
+        .filter(|(_, f)| f.direction == DIR_HOLD && now.saturating_sub(f.last_seen) >= hold)
+        .map(|(key, _)| *key)
+        .collect();
+    if !held_out.is_empty() {
+        report.holds_released = datapath.expire(&held_out, timeouts)?;
     }
 
     if look_for_orphans {

@@ -1,7 +1,9 @@
 //! Full NAT on crafted packets: both ends rewritten both ways with
 //! checksums recomputed from scratch, a port of the balancer's per flow,
-//! taken per backend, never one a live or recently closed flow holds, and
-//! exhaustion dropped and counted.
+//! taken per backend, never one a live flow holds nor one whose backend may
+//! still keep the old connection in TIME_WAIT and refuse the new SYN (a
+//! recently closed flow's, or the one a client's reused 5-tuple left held),
+//! and exhaustion dropped and counted.
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
@@ -10,7 +12,7 @@ use std::{
 use lb::datapath::{Maps, XDP_DROP, XDP_REDIRECT};
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
-    packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, PSH, SYN},
+    packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, PSH, RST, SYN},
     routed::{backend, balancer_full_nat, client, counter, routed_host, run, BALANCER, CLIENT, VIP},
     serial,
 };
@@ -188,5 +190,137 @@ fn each_backend_sees_the_address_of_the_interface_that_reaches_it() {
             sources.insert(*ours.ip());
         }
         assert_eq!(sources.len(), 2, "both backends took flows");
+    });
+}
+
+/// The TCP timestamps option (RFC 7323) with this TSval.
+fn ts(value: u32) -> Vec<u8> {
+    [&[8u8, 10][..], &value.to_be_bytes(), &[0; 4]].concat()
+}
+
+/// Opens a flow from the client's `port` and closes it as a web server does,
+/// the backend first (so the backend keeps it in TIME_WAIT), the client's
+/// FIN carrying timestamp `ts_at_close`. Returns the balancer's port.
+fn closed_by_the_backend(b: &lb::reconcile::Balancer, port: u16, ts_at_close: u32) -> SocketAddrV4 {
+    let (ours, _) = syn(b, port).expect("a port is free");
+    let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
+    let from_client = |flags, seq, ack| Tcp::new(client(port), VIP, flags).seq(seq).ack(ack);
+    assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
+    assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1).frame()).0, XDP_REDIRECT);
+    assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1)).0, XDP_REDIRECT);
+    let fin = from_client(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2).tcp_options(&ts(ts_at_close));
+    assert_eq!(run(b, &fin.frame()).0, XDP_REDIRECT);
+    assert_eq!(run(b, &back(ACK, BACKEND_ISN + 2, CLIENT_ISN + 2)).0, XDP_REDIRECT);
+    ours
+}
+
+/// A client's SYN from `port` with timestamp `tsval`: the verdict and the
+/// balancer's port it went out from, if it went.
+fn syn_with_ts(b: &lb::reconcile::Balancer, port: u16, tsval: u32) -> (u32, Option<SocketAddrV4>) {
+    let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).seq(CLIENT_ISN).tcp_options(&ts(tsval)).frame());
+    (verdict, (verdict == XDP_REDIRECT).then(|| inspect(&out).src))
+}
+
+#[test]
+fn a_closed_flows_port_goes_to_a_new_flow_only_with_a_syn_the_backends_time_wait_accepts() {
+    with_full_nat(&[1], [30000, 30000], |b| {
+        let old = closed_by_the_backend(b, 42000, 5000);
+        // Another client whose timestamps run behind: the backend's
+        // TIME_WAIT would answer its SYN for the old connection.
+        assert_eq!(syn_with_ts(b, 42001, 4000), (XDP_DROP, None));
+        assert_eq!(counter(b, Counter::SnatPortsExhausted), 1);
+        // One whose timestamps run ahead gets the port (RFC 6191).
+        assert_eq!(syn_with_ts(b, 42002, 6000), (XDP_REDIRECT, Some(old)));
+        let syn_ack = Tcp::new(backend(0), old, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+        let (verdict, out) = run(b, &syn_ack.frame());
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(42002)), "the port is the new flow's");
+
+        // The old flow ageing out leaves the new one's entries alone.
+        let hour = 3_600_000_000_000;
+        let closed_over = Timeouts { syn: hour, established: hour, fin: 0, closed: 0 };
+        assert_eq!(lb::runtime::aging::age(&mut b.datapath, &closed_over, false).unwrap().expired, 1);
+        let (verdict, out) = run(b, &syn_ack.frame());
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(42002)));
+        assert_eq!(b.conntrack().len(), 1);
+        assert_eq!(b.datapath.flows().len(), 2);
+    });
+}
+
+#[test]
+fn without_timestamps_the_sequence_numbers_decide_and_after_an_rst_any_syn_may_take_the_port() {
+    with_full_nat(&[1], [30000, 30000], |b| {
+        let (ours, _) = syn(b, 42000).unwrap();
+        let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
+        let from_client = |flags, seq, ack| Tcp::new(client(42000), VIP, flags).seq(seq).ack(ack).frame();
+        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
+        assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
+        assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1)).0, XDP_REDIRECT);
+        assert_eq!(run(b, &from_client(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2)).0, XDP_REDIRECT);
+        assert_eq!(run(b, &back(ACK, BACKEND_ISN + 2, CLIENT_ISN + 2)).0, XDP_REDIRECT);
+
+        let syn_at = |port: u16, seq: u32| run(b, &Tcp::new(client(port), VIP, SYN).seq(seq).frame()).0;
+        assert_eq!(syn_at(42001, CLIENT_ISN), XDP_DROP, "not beyond what the old connection sent");
+        assert_eq!(syn_at(42002, CLIENT_ISN.wrapping_add(100_000)), XDP_REDIRECT, "beyond it");
+
+        // The new flow ends with an exact RST: no TIME_WAIT, so even a SYN
+        // the old rules would refuse gets the port.
+        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN.wrapping_add(100_001))).0, XDP_REDIRECT);
+        let rst = Tcp::new(client(42002), VIP, RST).seq(CLIENT_ISN.wrapping_add(100_001)).frame();
+        assert_eq!(run(b, &rst).0, XDP_REDIRECT);
+        assert_eq!(syn_at(42003, 7), XDP_REDIRECT);
+    });
+}
+
+/// Closes a flow from the client's port 42000 (backend first) and reuses
+/// that 5-tuple at once with a SYN the backend's TIME_WAIT would refuse, as
+/// a client with `tcp_tw_reuse` does: the new flow gets the other port of
+/// two, and the old port is left held. Returns (old port, new port).
+fn reuse_leaves_a_hold(b: &lb::reconcile::Balancer) -> (SocketAddrV4, SocketAddrV4) {
+    let old = closed_by_the_backend(b, 42000, 5000);
+    let (verdict, new) = syn_with_ts(b, 42000, 4000);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let new = new.unwrap();
+    assert_ne!(new, old, "the old port is held for the backend's TIME_WAIT");
+    (old, new)
+}
+
+#[test]
+fn a_client_reusing_its_5_tuple_leaves_the_old_port_held_and_nothing_reaches_anyone_through_it() {
+    with_full_nat(&[1], [30000, 30001], |b| {
+        let (old, _) = reuse_leaves_a_hold(b);
+        // Another client's SYN that TIME_WAIT would refuse finds no port.
+        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_DROP, None));
+        assert_eq!(counter(b, Counter::SnatPortsExhausted), 1);
+        // The backend's TIME_WAIT answering on the old port reaches nobody.
+        let out_of_state = counter(b, Counter::OutOfState);
+        let time_wait_ack = Tcp::new(backend(0), old, ACK).seq(BACKEND_ISN + 2).ack(CLIENT_ISN + 2).frame();
+        assert_eq!(run(b, &time_wait_ack).0, XDP_DROP);
+        assert_eq!(counter(b, Counter::OutOfState), out_of_state + 1);
+        // Nor does an ICMP error about it.
+        let quoted = Tcp::new(old, backend(0), ACK).seq(CLIENT_ISN + 2).frame();
+        let error = icmp_error(*backend(0).ip(), BALANCER, 3, 3, [0; 4], &quoted[14..]);
+        assert_ne!(run(b, &error).0, XDP_REDIRECT);
+        assert_eq!(b.conntrack().len(), 1, "lb conntrack shows the new flow only");
+
+        // A SYN that TIME_WAIT accepts takes the held port over.
+        assert_eq!(syn_with_ts(b, 42002, 9000), (XDP_REDIRECT, Some(old)));
+        let syn_ack = Tcp::new(backend(0), old, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1).frame();
+        let (verdict, out) = run(b, &syn_ack);
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(42002)));
+    });
+}
+
+#[test]
+fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
+    with_full_nat(&[1], [30000, 30001], |b| {
+        let (old, _) = reuse_leaves_a_hold(b);
+        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_DROP, None));
+        let hour = 3_600_000_000_000;
+        let not_yet = Timeouts { syn: hour, established: hour, fin: hour, closed: hour };
+        assert_eq!(lb::runtime::aging::age(&mut b.datapath, &not_yet, false).unwrap().holds_released, 0);
+        let time_wait_over = Timeouts { fin: 0, closed: 0, ..not_yet };
+        let aged = lb::runtime::aging::age(&mut b.datapath, &time_wait_over, false).unwrap();
+        assert_eq!((aged.expired, aged.holds_released), (0, 1));
+        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_REDIRECT, Some(old)), "the old port is free again");
     });
 }

@@ -1,5 +1,6 @@
-//! End to end, five ways in one run: the same lab and load (wrk) through this
-//! balancer, nginx stream, HAProxy, nftables DNAT, and plain forwarding.
+//! End to end, six ways in one run: the same lab and load (wrk) through this
+//! balancer (nat and full NAT), nginx stream, HAProxy, nftables DNAT, and
+//! plain forwarding.
 use std::{
     fmt::Write as _,
     net::SocketAddrV4,
@@ -21,7 +22,7 @@ const MAIN_CONCURRENCY: u32 = 64;
 const ROUNDS: usize = 3;
 
 /// How the lab is laid out on the machine: `lb-bench e2e [--queues N]
-/// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--rounds N]`. Queues give
+/// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--rounds N] [--connections N]`. Queues give
 /// every veth that many queues (a NIC with RSS); the CPU sets pin wrk (one
 /// thread per CPU), the proxies on the balancer host (one worker per CPU)
 /// and the backends' nginx with `taskset`.
@@ -31,17 +32,31 @@ pub struct Setup {
     pub balancer_cpus: Option<String>,
     pub backend_cpus: Option<String>,
     pub rounds: usize,
+    /// wrk's `-c` for the main keep-alive and new-connection runs.
+    pub connections: u32,
+    /// The ways to run (`--ways lb,fullnat,nginx,haproxy,nft,plain`, all by
+    /// default); ratios to a way left out are blank.
+    pub ways: Vec<Way>,
 }
 
 impl Setup {
     pub fn from_args(args: &[String]) -> Result<Self, String> {
-        let mut setup = Setup { queues: 1, wrk_cpus: None, balancer_cpus: None, backend_cpus: None, rounds: ROUNDS };
+        let mut setup = Setup { queues: 1, wrk_cpus: None, balancer_cpus: None, backend_cpus: None, rounds: ROUNDS, connections: MAIN_CONCURRENCY, ways: Way::ALL.to_vec() };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             let mut value = || args.next().cloned().ok_or(format!("{arg} needs a value"));
             match arg.as_str() {
                 "--queues" => setup.queues = value()?.parse().map_err(|e| format!("--queues: {e}"))?,
                 "--rounds" => setup.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+                "--connections" => {
+                    setup.connections = value()?.parse().map_err(|e| format!("--connections: {e}"))?
+                }
+                "--ways" => {
+                    setup.ways = value()?
+                        .split(',')
+                        .map(|w| Way::ALL.into_iter().find(|way| way.option() == w).ok_or(format!("--ways: {w:?} is not one of lb, fullnat, nginx, haproxy, nft, plain")))
+                        .collect::<Result<_, _>>()?
+                }
                 "--cpus" => {
                     for part in value()?.split(',') {
                         let (who, cpus) = part.split_once('=').ok_or(format!("--cpus: {part:?} is not WHO=CPUS"))?;
@@ -58,8 +73,8 @@ impl Setup {
                 _ => return Err(format!("unknown option {arg:?}")),
             }
         }
-        if setup.queues == 0 || setup.rounds == 0 {
-            return Err("--queues and --rounds must be at least 1".into());
+        if setup.queues == 0 || setup.rounds == 0 || setup.connections == 0 {
+            return Err("--queues, --rounds and --connections must be at least 1".into());
         }
         Ok(setup)
     }
@@ -132,8 +147,9 @@ fn iperf3(lab: &Lab, target: SocketAddrV4) -> f64 {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Way {
+pub enum Way {
     Xdp,
+    XdpFullNat,
     NginxStream,
     Haproxy,
     NftDnat,
@@ -141,9 +157,24 @@ enum Way {
 }
 
 impl Way {
+    const ALL: [Way; 6] = [Way::Xdp, Way::XdpFullNat, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
+
+    /// The way's name in `--ways`.
+    fn option(self) -> &'static str {
+        match self {
+            Way::Xdp => "lb",
+            Way::XdpFullNat => "fullnat",
+            Way::NginxStream => "nginx",
+            Way::Haproxy => "haproxy",
+            Way::NftDnat => "nft",
+            Way::Plain => "plain",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Way::Xdp => "lb (XDP)",
+            Way::XdpFullNat => "lb (XDP), fullnat",
             Way::NginxStream => "nginx stream",
             Way::Haproxy => "HAProxy",
             Way::NftDnat => "nftables dnat",
@@ -157,8 +188,88 @@ struct Wrk {
     requests: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Socket errors and non-2xx answers, timeouts included.
     errors: u64,
+    /// Requests wrk gave up on after its default 2 s.
+    timeouts: u64,
     balancer_cpu_seconds: f64,
+    /// What the hosts' TCP stacks did during the run.
+    stacks: Stacks,
+}
+
+/// RSTs sent by each host's TCP stack and segments retransmitted by all of
+/// them during a run: a balancer that loses or misroutes segments shows here
+/// even when wrk's figures look fine.
+#[derive(Clone, Copy, Default)]
+struct Stacks {
+    client_rsts: u64,
+    balancer_rsts: u64,
+    backend_rsts: u64,
+    retransmitted: u64,
+    /// CPU seconds the whole machine spent in softirqs (where XDP and the
+    /// kernel's forwarding run), and lb's agent, when it runs.
+    softirq_seconds: f64,
+    agent_seconds: f64,
+    /// Packets the balancer's links and their peers dropped or failed to
+    /// send (the veth and XDP counters `ethtool -S` shows).
+    link_drops: u64,
+}
+
+/// `ethtool -S` of the balancer's two links and their peers, the counters
+/// that say a packet was dropped or could not be sent: name → value.
+fn link_counters(lab: &Lab) -> std::collections::BTreeMap<String, u64> {
+    let mut all = std::collections::BTreeMap::new();
+    for (ns, link) in [(&lab.lb, "cli"), (&lab.lb, "srv"), (&lab.client, "eth0"), (&lab.switch, "uplink")] {
+        let out = ns.exec(&format!("ethtool -S {link}"));
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some((name, value)) = line.trim().split_once(':') else { continue };
+            if name.contains("drop") || name.contains("err") {
+                all.insert(format!("{link}.{name}"), value.trim().parse().unwrap_or(0));
+            }
+        }
+    }
+    all
+}
+
+/// The running agent's pid while an lb way runs, else 0.
+static AGENT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Stacks {
+    /// The counters now, from each namespace's /proc/net/snmp.
+    fn read(lab: &Lab) -> Self {
+        let tcp = |ns: &lb_tests::netns::Netns, field: &str| -> u64 {
+            let out = ns.exec("cat /proc/net/snmp");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+            let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
+            names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == field).and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+        };
+        let hosts = || std::iter::once(&lab.client).chain([&lab.lb]).chain(&lab.backends);
+        Stacks {
+            client_rsts: tcp(&lab.client, "OutRsts"),
+            balancer_rsts: tcp(&lab.lb, "OutRsts"),
+            backend_rsts: lab.backends.iter().map(|b| tcp(b, "OutRsts")).sum(),
+            retransmitted: hosts().map(|h| tcp(h, "RetransSegs")).sum(),
+            softirq_seconds: machine_cpu_seconds(6),
+            agent_seconds: match AGENT_PID.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => 0.0,
+                pid => process_tree_cpu(pid),
+            },
+            link_drops: 0,
+        }
+    }
+
+    fn since(self, before: Stacks) -> Stacks {
+        Stacks {
+            client_rsts: self.client_rsts - before.client_rsts,
+            balancer_rsts: self.balancer_rsts - before.balancer_rsts,
+            backend_rsts: self.backend_rsts - before.backend_rsts,
+            retransmitted: self.retransmitted - before.retransmitted,
+            softirq_seconds: self.softirq_seconds - before.softirq_seconds,
+            agent_seconds: self.agent_seconds - before.agent_seconds,
+            link_drops: 0,
+        }
+    }
 }
 
 /// The three backends' nginx, serving `GET /` with a short body.
@@ -236,6 +347,14 @@ fn process_tree_cpu(pid: u32) -> f64 {
     total
 }
 
+/// The machine's CPU seconds so far in one column of /proc/stat's cpu line
+/// (0 user, 2 system, 6 softirq, ...).
+fn machine_cpu_seconds(column: usize) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    line.split_whitespace().nth(column + 1).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks_per_second()
+}
+
 /// Busy CPU seconds of the whole machine so far.
 fn machine_busy_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
@@ -297,19 +416,34 @@ fn wrk(lab: &Lab, setup: &Setup, backends: &Backends, target: SocketAddrV4, conn
     let url = format!("http://{target}/");
     let pin = setup.wrk_cpus.as_ref().map(|c| format!("taskset -c {c} ")).unwrap_or_default();
     let threads = setup.wrk_threads();
-    let mut script =
-        format!("ulimit -n 20000; {pin}wrk -t{threads} -c{connections} -d{DURATION} --timeout 5s --latency");
+    let mut script = format!("ulimit -n 20000; {pin}wrk -t{threads} -c{connections} -d{DURATION} --latency");
     if close {
         script.push_str(" -H 'Connection: close'");
     }
     script.push_str(&format!(" {url}"));
+    let stacks = Stacks::read(lab);
+    let links = link_counters(lab);
     let (busy, children, backend_cpu) = (machine_busy_seconds(), children_cpu_seconds(), backends.cpu_seconds());
     let out = lab.client.command("sh").args(["-c", &script]).output().expect("wrk (apt-get install wrk)");
     let busy = machine_busy_seconds() - busy;
     let wrk_cpu = children_cpu_seconds() - children;
     let backend_cpu = backends.cpu_seconds() - backend_cpu;
+    let mut stacks = Stacks::read(lab).since(stacks);
+    let link_drops: Vec<String> = link_counters(lab)
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let delta = value.saturating_sub(links.get(&name).copied().unwrap_or(0));
+            stacks.link_drops += delta;
+            (delta > 0).then(|| format!("{name} +{delta}"))
+        })
+        .collect();
     let text = String::from_utf8_lossy(&out.stdout);
-    log_raw(&format!("{script}\n{text}"));
+    log_raw(&format!(
+        "{script}\n{text}TCP stacks: client sent {} RSTs, balancer host {}, backends {}; {} segments retransmitted; \
+         softirqs {:.2} CPU s, agent {:.2} CPU s; links dropped: {}\n",
+        stacks.client_rsts, stacks.balancer_rsts, stacks.backend_rsts, stacks.retransmitted, stacks.softirq_seconds, stacks.agent_seconds,
+        if link_drops.is_empty() { "none".to_string() } else { link_drops.join(", ") }
+    ));
     let field = |prefix: &str| -> Option<String> {
         text.lines().find_map(|l| l.trim_start().strip_prefix(prefix).map(|r| r.trim().to_string()))
     };
@@ -329,7 +463,11 @@ fn wrk(lab: &Lab, setup: &Setup, backends: &Backends, target: SocketAddrV4, conn
         p50_ms: field("50%").map_or(f64::NAN, |v| parse_ms(&v)),
         p99_ms: field("99%").map_or(f64::NAN, |v| parse_ms(&v)),
         errors,
+        timeouts: field("Socket errors:")
+            .and_then(|l| l.split(',').find_map(|p| p.trim().strip_prefix("timeout ")?.trim().parse().ok()))
+            .unwrap_or(0),
         balancer_cpu_seconds: (busy - wrk_cpu - backend_cpu).max(0.0),
+        stacks,
     }
 }
 
@@ -340,12 +478,18 @@ fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()
     let servers: Vec<String> = (0..lab.backends.len()).map(|i| backend_addr(i).to_string()).collect();
     match way {
         Way::Plain => (backend_addr(0), Box::new(|| None)),
-        Way::Xdp => {
-            let agent = lab.start_agent(&lab.config(&[1, 1, 1], ""));
+        Way::Xdp | Way::XdpFullNat => {
+            let mut config = lab.config(&[1, 1, 1], "");
+            if way == Way::XdpFullNat {
+                config = config.replace("mode = \"nat\"", "mode = \"fullnat\"");
+            }
+            let agent = lab.start_agent(&config);
+            AGENT_PID.store(agent.pid(), std::sync::atomic::Ordering::Relaxed);
             agent.cli(&["service", "add", "bulk", &bulk(VIP).to_string()]).unwrap();
             agent.cli(&["backend", "add", "bulk", &bulk(backend_addr(0)).to_string()]).unwrap();
             (VIP, Box::new(move || {
                 let counted = agent.cli(&["status", "--json"]).ok().map(|json| data_path_counters(&json));
+                AGENT_PID.store(0, std::sync::atomic::Ordering::Relaxed);
                 let _ = agent.cli(&["shutdown"]);
                 counted
             }))
@@ -419,20 +563,15 @@ fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()
     }
 }
 
-/// The data path's drops and retries, from `lb status --json`.
+/// The data path's counters that are not zero, from `lb status --json`.
 fn data_path_counters(status_json: &str) -> String {
     let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
-    let counter = |name: &str| status["counters"][name].as_u64().unwrap_or(0);
-    format!(
-        "{} new flows, {} dropped (no backend {}, table full {}, malformed {}), {} SYNs retried elsewhere, {} to the kernel for want of a neighbour",
-        counter("new_flows"),
-        counter("verdict_drop"),
-        counter("no_backend"),
-        counter("table_full"),
-        counter("malformed_ip") + counter("malformed_tcp"),
-        counter("syn_retried"),
-        counter("no_neighbour"),
-    )
+    let counters = status["counters"].as_object().cloned().unwrap_or_default();
+    let counted: Vec<String> = counters
+        .iter()
+        .filter_map(|(name, value)| value.as_u64().filter(|&v| v > 0).map(|v| format!("{name} {v}")))
+        .collect();
+    counted.join(", ")
 }
 
 struct Results {
@@ -442,11 +581,21 @@ struct Results {
     keepalive: Vec<Wrk>,
     close: Vec<Wrk>,
     sweep: Vec<(u32, Wrk)>,
+    /// Keep-alive with 10,000 concurrent connections, for the ways the
+    /// many-core targets compare.
+    concurrent_10k: Option<Wrk>,
 }
 
+impl Results {
+    fn empty(way: Way) -> Self {
+        Results { way, bulk_gbps: f64::NAN, keepalive: Vec::new(), close: Vec::new(), sweep: Vec::new(), concurrent_10k: None }
+    }
+}
+
+/// The median, or NaN for none (a way left out).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The median over rounds of `value`.
@@ -474,68 +623,74 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
         .spawn()
         .expect("iperf3 (apt-get install iperf3)");
     std::thread::sleep(Duration::from_millis(300));
-    let ways = [Way::Xdp, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
-    let mut results: Vec<Results> = ways
-        .iter()
-        .map(|&way| Results { way, bulk_gbps: f64::NAN, keepalive: Vec::new(), close: Vec::new(), sweep: Vec::new() })
-        .collect();
-    let mut concurrent_10k = None;
+    let mut results: Vec<Results> = setup.ways.iter().map(|&way| Results::empty(way)).collect();
     let mut lb_counted = Vec::new();
     let rounds = setup.rounds;
+    let connections = setup.connections;
     for round in 0..rounds {
         for r in &mut results {
             let way = r.way;
             eprintln!("== round {} of {rounds}: {}", round + 1, way.name());
             log_raw(&format!("== round {} of {rounds}: {}", round + 1, way.name()));
             let (target, tear_down) = set_up(&lab, setup, way);
-            r.keepalive.push(wrk(&lab, setup, &backends, target, MAIN_CONCURRENCY, false));
-            r.close.push(wrk(&lab, setup, &backends, target, MAIN_CONCURRENCY, true));
+            r.keepalive.push(wrk(&lab, setup, &backends, target, connections, false));
+            r.close.push(wrk(&lab, setup, &backends, target, connections, true));
             if round == 0 {
                 r.sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, setup, &backends, target, c, false))).collect();
                 r.bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
-                if way == Way::Xdp {
-                    concurrent_10k = Some(wrk(&lab, setup, &backends, target, 10_000, false));
+                if matches!(way, Way::Xdp | Way::XdpFullNat | Way::NftDnat | Way::NginxStream) {
+                    r.concurrent_10k = Some(wrk(&lab, setup, &backends, target, 10_000, false));
                 }
             }
             if let Some(counted) = tear_down() {
-                lb_counted.push(format!("round {}: {counted}", round + 1));
+                lb_counted.push(format!("{}, round {}: {counted}", way.name(), round + 1));
             }
         }
     }
 
     let _ = iperf_server.kill();
     let _ = iperf_server.wait();
-    let by = |w: Way| results.iter().find(|r| r.way == w).unwrap();
-    let (nginx, plain) = (by(Way::NginxStream), by(Way::Plain));
+    let left_out: Vec<Results> = Way::ALL.into_iter().map(Results::empty).collect();
+    let by = |w: Way| results.iter().chain(&left_out).find(|r| r.way == w).unwrap();
+    let (nginx, nft, plain) = (by(Way::NginxStream), by(Way::NftDnat), by(Way::Plain));
     let cpu_per_request = |w: &Wrk| w.balancer_cpu_seconds / w.requests.max(1.0) * 1e6;
     let rps = |w: &Wrk| w.requests_per_second;
+    let p99 = |w: &Wrk| w.p99_ms;
     let mut out = format!(
-        "wrk -t{} -c{MAIN_CONCURRENCY} -d{DURATION}; {}; each round runs the five ways in turn; every figure \
+        "wrk -t{} -c{connections} -d{DURATION}; {}; each round runs the six ways in turn; every figure \
          is the median of the rounds, and every ratio the median of the ratios within each round. \
-         \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream and to plain forwarding.\n\n\
-         | way | keep-alive req/s | × nginx | × plain | p50 ms | p99 ms | p99 × plain | new conn/s | × nginx | × plain | balancer CPU µs/req (keep-alive) | (new conn) | errors | bulk Gbit/s (iperf3, 1 stream) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream, to nftables dnat (the kernel's \
+         own NAT) and to plain forwarding. Errors are wrk's socket errors and non-2xx answers over both \
+         runs, timeouts (no answer within wrk's 2 s) in brackets.\n\n\
+         | way | keep-alive req/s | × nginx | × nft | × plain | p50 ms | p99 ms | p99 × plain | new conn/s | × nginx | × nft | × plain | new conn p99 ms | × nft | balancer CPU µs/req (keep-alive) | (new conn) | errors (timeouts) | bulk Gbit/s (iperf3, 1 stream) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         setup.wrk_threads(),
         setup.describe()
     );
+    let errors = |r: &Results| -> (u64, u64) {
+        r.keepalive.iter().chain(&r.close).fold((0, 0), |(e, t), w| (e + w.errors, t + w.timeouts))
+    };
     for r in &results {
-        let errors: u64 = r.keepalive.iter().chain(&r.close).map(|w| w.errors).sum();
+        let (errors, timeouts) = errors(r);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {:.1} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {errors} ({timeouts}) | {:.1} |",
             r.way.name(),
             med(&r.keepalive, rps),
             ratio(&r.keepalive, &nginx.keepalive, rps),
+            ratio(&r.keepalive, &nft.keepalive, rps),
             ratio(&r.keepalive, &plain.keepalive, rps),
             med(&r.keepalive, |w| w.p50_ms),
-            med(&r.keepalive, |w| w.p99_ms),
-            ratio(&r.keepalive, &plain.keepalive, |w| w.p99_ms),
+            med(&r.keepalive, p99),
+            ratio(&r.keepalive, &plain.keepalive, p99),
             med(&r.close, rps),
             ratio(&r.close, &nginx.close, rps),
+            ratio(&r.close, &nft.close, rps),
             ratio(&r.close, &plain.close, rps),
+            med(&r.close, p99),
+            ratio(&r.close, &nft.close, p99),
             med(&r.keepalive, cpu_per_request),
             med(&r.close, cpu_per_request),
-            errors,
             r.bulk_gbps,
         );
     }
@@ -545,13 +700,45 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     };
     let _ = write!(
         out,
-        "\nlb (XDP) round by round: keep-alive × nginx {}; new conn × nginx {}; new conn × plain {}; \
+        "\nlb (XDP) round by round: keep-alive × nginx {}; new conn × nginx {}; new conn × nft {}; new conn × plain {}; \
          keep-alive p99 × plain {}.\n",
         rounds(&xdp.keepalive, &nginx.keepalive, |w| w.requests_per_second),
         rounds(&xdp.close, &nginx.close, |w| w.requests_per_second),
+        rounds(&xdp.close, &nft.close, |w| w.requests_per_second),
         rounds(&xdp.close, &plain.close, |w| w.requests_per_second),
         rounds(&xdp.keepalive, &plain.keepalive, |w| w.p99_ms),
     );
+    out.push_str(
+        "\nWhat the hosts' TCP stacks did during the new-connection runs (all rounds): RSTs each sent, and \
+         segments all of them retransmitted. A balancer that hands a segment to the wrong host or loses one \
+         shows here first.\n\n\
+         Softirq time is the whole machine's (XDP, forwarding and every host's TCP receive run there); the agent's is lb's \
+         own process.\n\n\
+         | way | client RSTs | balancer host RSTs | backends' RSTs | retransmitted segments | softirq CPU s | agent CPU s | link drops |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &results {
+        let s = r.close.iter().fold(Stacks::default(), |a, w| Stacks {
+            client_rsts: a.client_rsts + w.stacks.client_rsts,
+            balancer_rsts: a.balancer_rsts + w.stacks.balancer_rsts,
+            backend_rsts: a.backend_rsts + w.stacks.backend_rsts,
+            retransmitted: a.retransmitted + w.stacks.retransmitted,
+            softirq_seconds: a.softirq_seconds + w.stacks.softirq_seconds,
+            agent_seconds: a.agent_seconds + w.stacks.agent_seconds,
+            link_drops: a.link_drops + w.stacks.link_drops,
+        });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
+            r.way.name(),
+            s.client_rsts,
+            s.balancer_rsts,
+            s.backend_rsts,
+            s.retransmitted,
+            s.softirq_seconds,
+            s.agent_seconds,
+            s.link_drops
+        );
+    }
     let _ = writeln!(out, "\nlb (XDP) data path counters, per round (all its runs):\n");
     for line in &lb_counted {
         let _ = writeln!(out, "- {line}");
@@ -570,11 +757,33 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
         }
         out.push('\n');
     }
+    out.push_str(
+        "\n10,000 concurrent keep-alive connections (wrk -c10000, one run):\n\n\
+         | way | req/s | × nft | p50 ms | p99 ms | p99 × nft | errors (timeouts) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let nft_10k = nft.concurrent_10k.as_ref();
+    for r in &results {
+        let Some(w) = &r.concurrent_10k else { continue };
+        let to_nft = |value: fn(&Wrk) -> f64| nft_10k.map_or(f64::NAN, |n| value(w) / value(n));
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {} ({}) |",
+            r.way.name(),
+            w.requests_per_second,
+            to_nft(|w| w.requests_per_second),
+            w.p50_ms,
+            w.p99_ms,
+            to_nft(|w| w.p99_ms),
+            w.errors,
+            w.timeouts
+        );
+    }
+
     let cpu = |r: &Results| med(&r.keepalive, cpu_per_request);
     let new_x_nginx = ratio(&xdp.close, &nginx.close, rps);
     let new_x_plain = ratio(&xdp.close, &plain.close, rps);
     let keepalive_x_nginx = ratio(&xdp.keepalive, &nginx.keepalive, rps);
-    let p99_x_plain = ratio(&xdp.keepalive, &plain.keepalive, |w| w.p99_ms);
+    let p99_x_plain = ratio(&xdp.keepalive, &plain.keepalive, p99);
     let mut checks = vec![
         Check { target: "new connections/s ≥ 2× nginx stream", measured: format!("{new_x_nginx:.2}×"), met: new_x_nginx >= 2.0 },
         Check { target: "new connections/s ≥ 0.9× plain forwarding", measured: format!("{new_x_plain:.2}×"), met: new_x_plain >= 0.9 },
@@ -586,19 +795,36 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
             met: cpu(xdp) * 5.0 <= cpu(nginx),
         },
     ];
-    if let Some(w) = &concurrent_10k {
+    // The many-core targets, against the kernel's own NAT, for each of lb's modes.
+    for lb in [xdp, by(Way::XdpFullNat)].into_iter().filter(|r| !r.keepalive.is_empty()) {
+        let name = lb.way.name();
+        let new_x_nft = ratio(&lb.close, &nft.close, rps);
+        let new_p99_x_nft = ratio(&lb.close, &nft.close, p99);
+        let keepalive_x_nft = ratio(&lb.keepalive, &nft.keepalive, rps);
+        let (errors, timeouts) = errors(lb);
         checks.push(Check {
-            target: "10,000 concurrent connections, zero errors",
-            measured: format!("{} errors", w.errors),
-            met: w.errors == 0 && w.requests > 0.0,
+            target: "new connections/s ≥ nftables dnat, p99 ≤ 2× nftables'",
+            measured: format!("{name}: {new_x_nft:.2}×, p99 {new_p99_x_nft:.2}×"),
+            met: new_x_nft >= 1.0 && new_p99_x_nft <= 2.0,
         });
-    }
-    if let Some(w) = concurrent_10k {
-        let _ = writeln!(
-            out,
-            "\n10,000 concurrent keep-alive connections through lb (XDP): {:.0} req/s, p99 {:.1} ms, {} errors.",
-            w.requests_per_second, w.p99_ms, w.errors
-        );
+        checks.push(Check {
+            target: "keep-alive requests/s ≥ nftables dnat",
+            measured: format!("{name}: {keepalive_x_nft:.2}×"),
+            met: keepalive_x_nft >= 1.0,
+        });
+        checks.push(Check {
+            target: "zero wrk timeouts and socket errors",
+            measured: format!("{name}: {errors} errors, {timeouts} timeouts"),
+            met: errors == 0,
+        });
+        if let (Some(w), Some(n)) = (&lb.concurrent_10k, nft_10k) {
+            let (x, p) = (w.requests_per_second / n.requests_per_second, w.p99_ms / n.p99_ms);
+            checks.push(Check {
+                target: "10,000 concurrent: requests/s ≥ nftables dnat, p99 ≤ 2× nftables', zero errors",
+                measured: format!("{name}: {x:.2}×, p99 {p:.2}×, {} errors", w.errors),
+                met: x >= 1.0 && p <= 2.0 && w.errors == 0 && w.requests > 0.0,
+            });
+        }
     }
     if let Some(path) = plot {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -610,7 +836,7 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
 
 /// Two line charts side by side: requests/s and p99 against concurrency.
 fn svg(results: &[Results]) -> String {
-    let colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f"];
+    let colors = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f"];
     let (w, h, pad) = (420.0, 300.0, 50.0);
     let mut out = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#, 2.0 * w + 160.0, h + 20.0);
     for (panel, (title, value)) in [
