@@ -148,11 +148,14 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         return Tracked::Drop(Counter::OutOfState);
     }
     if flags & (TCP_RST | TCP_FIN) != 0 {
+        if forward && flags & TCP_FIN != 0 {
+            // Before the FIN may close the flow: a SYN taking its port over
+            // on another CPU must not see it closed without the timestamp.
+            // It only ever rises, so a forged FIN cannot lower it.
+            note_closing_timestamp(ctx, pkt, own);
+        }
         if let Some(dropped) = judge_close(pkt, key, own) {
             return Tracked::Drop(dropped);
-        }
-        if forward && flags & TCP_FIN != 0 {
-            note_closing_timestamp(ctx, pkt, own);
         }
     }
     learn(own, pkt, now);

@@ -87,6 +87,18 @@ impl Lab {
         Self { client, lb, backends: backend_ns, dir, switch }
     }
 
+    /// Polls every queue of each host's links on that host's own CPUs
+    /// (taskset lists): the client's on `client`, the balancer's on
+    /// `balancer`, the backends' and the switch's on `backends`.
+    pub fn pin_napi(&self, client: &str, balancer: &str, backends: &str) {
+        pin_napi(&self.client, &["eth0"], client);
+        pin_napi(&self.lb, &["cli", "srv"], balancer);
+        for b in &self.backends {
+            pin_napi(b, &["eth0"], backends);
+        }
+        pin_napi(&self.switch, &["uplink"], backends);
+    }
+
     /// One-arm: gives the client a second link, onto the backends' network
     /// (198.19.0.2), and routes the VIP through the balancer's address there,
     /// so clients and backends reach the balancer through one interface.
@@ -346,4 +358,48 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Gives `links` in `ns` threaded NAPI, each queue's poll thread pinned to
+/// the next CPU of `cpus` (a taskset list such as 4-7), as a NIC with RSS
+/// has each queue's interrupt on a CPU of its own. Without it a veth queue is
+/// polled on whichever CPU its sender ran, and XDP redirects, which pick the
+/// peer's queue by the CPU they run on, spread one flow's packets over
+/// several queues and reorder them (on 16 CPUs, about one connection in 30).
+pub fn pin_napi(ns: &Netns, links: &[&str], cpus: &str) {
+    let cpus = cpu_list(cpus);
+    if cpus.is_empty() {
+        return;
+    }
+    let mut next = 0;
+    for link in links {
+        let before = napi_threads();
+        ns.exec(&format!("echo 1 > /sys/class/net/{link}/threaded"));
+        for pid in napi_threads().difference(&before) {
+            sh(&format!("taskset -pc {} {pid} >/dev/null", cpus[next % cpus.len()]));
+            next += 1;
+        }
+    }
+}
+
+/// The pids of the kernel's NAPI poll threads.
+fn napi_threads() -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("napi/")))
+        .collect()
+}
+
+/// The CPUs a taskset list names: "4-7,9" is [4, 5, 6, 7, 9].
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter_map(|part| match part.split_once('-') {
+            Some((a, b)) => Some((a.trim().parse().ok()?..=b.trim().parse().ok()?).collect::<Vec<usize>>()),
+            None => Some(vec![part.trim().parse().ok()?]),
+        })
+        .flatten()
+        .collect()
 }

@@ -77,6 +77,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/wrk", "wrk"),
     ("/usr/sbin/nft", "nftables"),
     ("/usr/bin/iperf3", "iperf3"),
+    ("/usr/bin/tcpdump", "tcpdump"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
@@ -255,23 +256,25 @@ fn count_before(line: &str, word: &str) -> u64 {
 
 /// Programs the comparison runs, bundled with the shared libraries they use.
 const BUNDLED_TOOLS: &[&str] =
-    &["nginx", "haproxy", "wrk", "iperf3", "ip", "nft", "ethtool", "nsenter", "taskset", "sysctl"];
+    &["nginx", "haproxy", "wrk", "iperf3", "ip", "nft", "ethtool", "nsenter", "taskset", "sysctl", "tcpdump"];
 const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 /// glibc's own libraries: the machine's are used, never a copy.
 const SYSTEM_LIBRARIES: &[&str] = &["libc.so", "ld-linux", "libm.so", "libpthread.so", "libdl.so", "librt.so", "linux-vdso"];
 
 const RUN_SCRIPT: &str = r#"#!/bin/sh
-# The end-to-end comparison (lb, nginx stream, HAProxy, nftables dnat, plain
-# forwarding) on this machine, from this folder, as root. Options go to
-# `lb-bench e2e`; without any: 8 queues per veth, wrk on CPUs 0-3, the
-# balancer host's proxies on 4-7, the backends on 8-15, one round.
+# The end-to-end comparison (lb in nat and full NAT, nginx stream, HAProxy,
+# nftables dnat, plain forwarding) on this machine, from this folder, as root.
+# Options go to `lb-bench e2e`; without any: 8 queues per veth, wrk on CPUs
+# 0-3, the balancer host's proxies on 4-7, the backends on 8-15, wrk -c128,
+# one round. Add --pin-napi to poll each host's queues on its own CPUs, and
+# LB_BENCH_CAPTURE=DIR to keep the client's packets of each new-connection run.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH="$here/bin:$PATH" LD_LIBRARY_PATH="$here/lib" LB_BIN="$here/bin/lb"
 mkdir -p /var/lib/nginx /var/log/nginx /usr/lib/nginx/modules /run/netns
 cp "$here/modules/ngx_stream_module.so" /usr/lib/nginx/modules/
 mount | grep -q "type bpf" || mount -t bpf bpf /sys/fs/bpf
-[ $# -gt 0 ] || set -- --queues 8 --cpus wrk=0-3,balancer=4-7,backends=8-15 --rounds 1
+[ $# -gt 0 ] || set -- --queues 8 --cpus wrk=0-3,balancer=4-7,backends=8-15 --rounds 1 --connections 128
 cd "$here"
 exec lb-bench e2e "$@"
 "#;

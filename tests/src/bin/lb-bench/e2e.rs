@@ -22,7 +22,8 @@ const MAIN_CONCURRENCY: u32 = 64;
 const ROUNDS: usize = 3;
 
 /// How the lab is laid out on the machine: `lb-bench e2e [--queues N]
-/// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--rounds N] [--connections N]`. Queues give
+/// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N]
+/// [--ways lb,fullnat,nginx,haproxy,nft,plain]`. Queues give
 /// every veth that many queues (a NIC with RSS); the CPU sets pin wrk (one
 /// thread per CPU), the proxies on the balancer host (one worker per CPU)
 /// and the backends' nginx with `taskset`.
@@ -37,11 +38,15 @@ pub struct Setup {
     /// The ways to run (`--ways lb,fullnat,nginx,haproxy,nft,plain`, all by
     /// default); ratios to a way left out are blank.
     pub ways: Vec<Way>,
+    /// `--pin-napi` (with all three `--cpus`): each host's receive queues
+    /// polled by threads on its own CPUs (`Lab::pin_napi`), as NICs with
+    /// per-queue interrupts pinned are.
+    pub pin_napi: bool,
 }
 
 impl Setup {
     pub fn from_args(args: &[String]) -> Result<Self, String> {
-        let mut setup = Setup { queues: 1, wrk_cpus: None, balancer_cpus: None, backend_cpus: None, rounds: ROUNDS, connections: MAIN_CONCURRENCY, ways: Way::ALL.to_vec() };
+        let mut setup = Setup { queues: 1, wrk_cpus: None, balancer_cpus: None, backend_cpus: None, rounds: ROUNDS, connections: MAIN_CONCURRENCY, ways: Way::ALL.to_vec(), pin_napi: false };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             let mut value = || args.next().cloned().ok_or(format!("{arg} needs a value"));
@@ -51,6 +56,7 @@ impl Setup {
                 "--connections" => {
                     setup.connections = value()?.parse().map_err(|e| format!("--connections: {e}"))?
                 }
+                "--pin-napi" => setup.pin_napi = true,
                 "--ways" => {
                     setup.ways = value()?
                         .split(',')
@@ -73,6 +79,10 @@ impl Setup {
                 _ => return Err(format!("unknown option {arg:?}")),
             }
         }
+        let all_pinned = setup.wrk_cpus.is_some() && setup.balancer_cpus.is_some() && setup.backend_cpus.is_some();
+        if setup.pin_napi && !all_pinned {
+            return Err("--pin-napi needs --cpus for wrk, balancer and backends".into());
+        }
         if setup.queues == 0 || setup.rounds == 0 || setup.connections == 0 {
             return Err("--queues, --rounds and --connections must be at least 1".into());
         }
@@ -92,11 +102,12 @@ impl Setup {
     pub fn describe(&self) -> String {
         let pin = |who: &str, cpus: &Option<String>| cpus.as_ref().map(|c| format!(", {who} on CPUs {c}")).unwrap_or_default();
         format!(
-            "veths with {} queue(s){}{}{}, {} round(s)",
+            "veths with {} queue(s){}{}{}{}, {} round(s)",
             self.queues,
             pin("wrk", &self.wrk_cpus),
             pin("balancer-host proxies", &self.balancer_cpus),
             pin("backends", &self.backend_cpus),
+            if self.pin_napi { ", every host's receive queues polled on its own CPUs (threaded NAPI)" } else { "" },
             self.rounds
         )
     }
@@ -410,6 +421,25 @@ fn fresh_client_address(lab: &Lab) {
     ));
 }
 
+/// With `LB_BENCH_CAPTURE=DIR`, the client's view of 60,000 packets in the
+/// middle of each new-connection run, every packet's headers, is written to
+/// DIR/<way>-client.pcap: what the client sent and got when a figure looks
+/// wrong on a machine where nothing else can be looked at.
+fn capture_client(lab: &Lab, way: Way) -> Option<std::thread::JoinHandle<()>> {
+    let dir = std::env::var_os("LB_BENCH_CAPTURE")?;
+    let file = Path::new(&dir).join(format!("{}-client.pcap", way.option()));
+    let ns = lab.client.name.clone();
+    Some(std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &ns, "timeout", "5", "tcpdump", "-q", "-n", "-Z", "root", "-s", "96", "-c", "60000", "-i", "eth0", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }))
+}
+
 /// Runs wrk from the client; `close` asks for a new connection per request.
 fn wrk(lab: &Lab, setup: &Setup, backends: &Backends, target: SocketAddrV4, connections: u32, close: bool) -> Wrk {
     fresh_client_address(lab);
@@ -615,6 +645,12 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     eprintln!("wrk's own output: {}", raw_log().display());
     eprintln!("lab: {}", setup.describe());
     let lab = Lab::with_queues(3, setup.queues);
+    if let (true, Some(wrk), Some(balancer), Some(backends)) =
+        (setup.pin_napi, &setup.wrk_cpus, &setup.balancer_cpus, &setup.backend_cpus)
+    {
+        // Each host receives on its own CPUs, as machines with NICs do.
+        lab.pin_napi(wrk, balancer, backends);
+    }
     let backends = Backends::start(&lab, setup);
     let mut iperf_server = lab.backends[0]
         .command("iperf3")
@@ -634,7 +670,11 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
             log_raw(&format!("== round {} of {rounds}: {}", round + 1, way.name()));
             let (target, tear_down) = set_up(&lab, setup, way);
             r.keepalive.push(wrk(&lab, setup, &backends, target, connections, false));
+            let capture = capture_client(&lab, way);
             r.close.push(wrk(&lab, setup, &backends, target, connections, true));
+            if let Some(capture) = capture {
+                let _ = capture.join();
+            }
             if round == 0 {
                 r.sweep = CONCURRENCY.iter().map(|&c| (c, wrk(&lab, setup, &backends, target, c, false))).collect();
                 r.bulk_gbps = iperf3(&lab, if way == Way::Plain { bulk(backend_addr(0)) } else { bulk(VIP) });
