@@ -165,13 +165,15 @@ pub struct Flow {
 
 /// Whether an endpoint in TIME_WAIT accepts a new connection's SYN on the
 /// same 4-tuple (RFC 6191, as Linux and the BSDs do it): by timestamps when
-/// both the old connection's last segment and the SYN carry one (newer wins),
-/// otherwise by sequence numbers (the SYN's beyond what the old connection
-/// sent). `old_seq_next` and `old_ts` are what the old connection's sender
-/// sent last; `syn_ts` is `None` for a SYN without the option.
+/// both the old connection's last segment and the SYN carry one (a newer
+/// one is accepted, an older one refused, an equal one decided by sequence
+/// numbers), otherwise by sequence numbers (the SYN's beyond what the old
+/// connection sent). `old_seq_next` and `old_ts` are what the old
+/// connection's sender sent last; `syn_ts` is `None` for a SYN without the
+/// option.
 pub const fn time_wait_accepts(old_seq_next: u32, old_ts: Option<u32>, syn_seq: u32, syn_ts: Option<u32>) -> bool {
     match (old_ts, syn_ts) {
-        (Some(old), Some(new)) => seq_after(new, old),
+        (Some(old), Some(new)) if new != old => seq_after(new, old),
         _ => seq_after(syn_seq, old_seq_next),
     }
 }
@@ -272,10 +274,12 @@ mod tests {
 
     #[test]
     fn time_wait_accepts_by_timestamps_when_both_have_them_else_by_sequence_numbers() {
-        // Timestamps decide, whatever the sequence numbers say.
+        // Different timestamps decide, whatever the sequence numbers say.
         assert!(time_wait_accepts(1000, Some(50), 10, Some(51)));
-        assert!(!time_wait_accepts(1000, Some(50), 5000, Some(50)));
         assert!(!time_wait_accepts(1000, Some(50), 5000, Some(49)));
+        // Equal (the same client within its clock's tick): sequence numbers.
+        assert!(time_wait_accepts(1000, Some(50), 5000, Some(50)));
+        assert!(!time_wait_accepts(1000, Some(50), 10, Some(50)));
         // Across the wrap of either.
         assert!(time_wait_accepts(1000, Some(u32::MAX - 5), 10, Some(3)));
         assert!(time_wait_accepts(u32::MAX - 5, None, 3, None));

@@ -1,10 +1,17 @@
 //! Full NAT end to end: backends with no route to the clients, reached
 //! through the balancer's own address, two-arm (clients on one interface,
-//! backends on the other) and one-arm (both on one interface).
-use std::{collections::BTreeMap, time::Duration};
+//! backends on the other) and one-arm (both on one interface), and short
+//! connections that servers close first, the backends' TIME_WAIT, not
+//! stalling on the balancer's ports.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
-    lab::{Agent, Lab, LB_SERVER_SIDE, VIP},
+    lab::{backend_addr, Agent, Lab, LB_SERVER_SIDE, VIP},
     serial,
     servers::{connect, pseudo_random, request},
 };
@@ -146,5 +153,71 @@ fn weights_drain_and_a_dead_backend_work_in_full_nat_as_in_nat() {
     }
     agent.wait_for("b3 down", Duration::from_secs(5), |s| {
         s["services"][0]["backends"][2]["state"] == "down"
+    });
+}
+
+#[test]
+fn closed_flows_ports_go_to_new_flows_the_backends_time_wait_accepts_so_short_connections_do_not_stall() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    lab.backends_without_routes();
+    let _servers = lab.start_processes();
+    // A second service on the backends' HTTP port (81), whose server closes
+    // each connection first, so every backend keeps it in TIME_WAIT; 64
+    // ports per backend, fewer than the connections.
+    let closing = SocketAddrV4::new(*VIP.ip(), 81);
+    let mut config = full_nat_config(&lab, "[\"cli\", \"srv\"]");
+    config.push_str(&format!(
+        "\n[[service]]\nname = \"closes-first\"\nvip = \"{closing}\"\nmode = \"fullnat\"\nsnat_ports = [30000, 30063]\n"
+    ));
+    for i in 0..3 {
+        config.push_str(&format!("\n[[service.backend]]\naddress = \"{}:81\"\n", backend_addr(i).ip()));
+    }
+    let agent = lab.start_agent(&config);
+
+    // 600 connections from ports the client does not reuse: most need a
+    // port whose last flow the backend still has in TIME_WAIT. Held for the
+    // whole TIME_WAIT, the 192 ports would run out after 192 connections,
+    // and each SYN after would be dropped and wait a second for its retry.
+    let took: Vec<Duration> = lab.client.run(|| {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..300)
+                            .map(|i| {
+                                let started = Instant::now();
+                                let mut c = TcpStream::connect_timeout(&closing.into(), Duration::from_secs(5))
+                                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                                c.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+                                let mut answer = String::new();
+                                c.read_to_string(&mut answer).unwrap();
+                                assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
+                                started.elapsed()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        })
+    });
+    // A port is handed out again only to a SYN its backend's TIME_WAIT
+    // takes: about half of them, as timestamps are random per connection.
+    // With every port held, a SYN can still find none; it is dropped and
+    // counted, and its retry a second later gets through. Without the rule,
+    // every connection after the 192nd would wait for that retry.
+    let waited = took.iter().filter(|t| **t >= Duration::from_millis(900)).count();
+    let status = agent.status();
+    let exhausted = status["counters"]["snat_ports_exhausted"].as_u64().unwrap();
+    assert!(waited <= 12, "{waited} of 600 connections waited for a SYN retry ({exhausted} SYNs found no port)");
+    let second = &status["services"][1];
+    assert_eq!(second["name"], "closes-first");
+    let opened: u64 =
+        second["backends"].as_array().unwrap().iter().map(|b| b["total_connections"].as_u64().unwrap_or(0)).sum();
+    assert!(opened >= 600, "{second}");
+    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
+        s["services"][1]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
     });
 }
