@@ -118,7 +118,8 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
     }
     if !candidates.is_empty() {
         for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_REPLY) {
-            if let Some(candidate) = candidates.get_mut(key) {
+            // Only its own reply: a full-NAT port may have gone to a new flow.
+            if let Some(candidate) = candidates.get_mut(key).filter(|c| c.0 == key.forward(flow)) {
                 candidate.2 = flow.last_seen;
             }
         }
