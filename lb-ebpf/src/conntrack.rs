@@ -704,10 +704,11 @@ const TABLE_FULL: u64 = 1;
 /// Takes a source address and port of the service's for a new full-NAT
 /// flow to `backend`: the reply entry (`reply`, filled in but for its
 /// checksums) goes into the table under the key the backend will answer
-/// with, only if no flow holds that key, so no live or recently closed
-/// flow's port is ever handed out again. Ports are taken per address and
-/// backend: a busy backend does not use up the others'. `PORT_TRIES`
-/// random ports are tried. Returns the
+/// with, if no flow holds that key, or in place of a closed flow's entry
+/// that the new SYN (`syn`) may take over (`take_over`); a live flow's port
+/// is never handed out again. Ports are taken per address and backend: a
+/// busy backend does not use up the others'. `PORT_TRIES` random ports are
+/// tried. Returns the
 /// address (network order) << 16 | port (host order), or `NO_PORT` when
 /// every port tried is taken, or `TABLE_FULL`. (Plain integers: an Option's
 /// payload would be spilled unset.)
@@ -916,13 +917,14 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         return false;
     };
     if unsafe { (*forward).direction } == DIR_HOLD {
-        let (observed, last_seen) = unsafe { (core::ptr::read_volatile(&(*forward).state), (*forward).last_seen) };
+        let hold = forward;
+        let (observed, last_seen) = unsafe { (core::ptr::read_volatile(&(*hold).state), (*hold).last_seen) };
         let held_long_enough = now.saturating_sub(last_seen) >= flow_timeout(timeouts, FLOW_RESET, MODE_FULLNAT);
         if observed & FLOW_EXPIRED != 0 || !held_long_enough {
             return false;
         }
         // A SYN taking the port over meanwhile wins.
-        if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
+        if !atomic::compare_exchange(unsafe { &mut (*hold).state }, observed, observed | FLOW_EXPIRED) {
             return false;
         }
         let _ = FLOWS.remove(key);
