@@ -1,8 +1,9 @@
 //! Full NAT end to end: backends with no route to the clients, reached
 //! through the balancer's own address, two-arm (clients on one interface,
-//! backends on the other) and one-arm (both on one interface), and short
-//! connections that servers close first, the backends' TIME_WAIT, not
-//! stalling on the balancer's ports.
+//! backends on the other) and one-arm (both on one interface); weights,
+//! drain, a dead backend, least-connection refill, HTTP health and the reset
+//! policy as in nat; and short connections that servers close first, the
+//! backends' TIME_WAIT, not stalling on the balancer's ports.
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -153,6 +154,61 @@ fn weights_drain_and_a_dead_backend_work_in_full_nat_as_in_nat() {
     }
     agent.wait_for("b3 down", Duration::from_secs(5), |s| {
         s["services"][0]["backends"][2]["state"] == "down"
+    });
+}
+
+#[test]
+fn least_connections_refill_http_health_and_the_reset_policy_work_in_full_nat() {
+    let _serial = serial();
+    let lab = Lab::new(3);
+    lab.backends_without_routes();
+    let _servers = lab.start_processes();
+    let config = lab
+        .config_full(
+            &["weight = 1"; 3],
+            "",
+            "on_backend_down = \"reset\"\n[service.health]\ntype = \"http\"\nport = 81\npath = \"/health\"\n",
+        )
+        .replace("mode = \"nat\"", "mode = \"fullnat\"");
+    let agent = lab.start_agent(&config);
+    let active = || agent.active().into_iter().map(|(_, n)| n).collect::<Vec<u64>>();
+
+    // Least connections refill: b1's flows end, the next two go to b1.
+    let mut held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    assert_eq!(active(), [2, 2, 2]);
+    for h in held.iter().filter(|h| h.backend == "b1") {
+        h.close().unwrap();
+    }
+    held.retain(|h| h.backend != "b1");
+    agent.wait_for("b1's count back to 0", Duration::from_secs(5), |s| {
+        s["services"][0]["backends"][0]["active_connections"] == 0
+    });
+    held.extend((0..2).map(|_| connect(&lab.client, VIP).unwrap()));
+    assert_eq!(held.iter().filter(|h| h.backend == "b1").count(), 2, "the two new flows refill b1");
+    assert_eq!(active(), [2, 2, 2]);
+
+    // b2's health endpoint fails: it goes down, its clients get an RST from
+    // the VIP at once, new flows go elsewhere, the others' flows carry on.
+    std::fs::write(lab.unhealthy_flag(1), "").unwrap();
+    agent.wait_for("b2 down", Duration::from_secs(10), |s| s["services"][0]["backends"][1]["state"] == "down");
+    for h in held.iter().filter(|h| h.backend == "b2") {
+        let err = h.round_trip(b"anyone?").expect_err("the flow was reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+    for h in held.iter().filter(|h| h.backend != "b2") {
+        assert_eq!(h.round_trip(b"fine").unwrap(), b"fine");
+    }
+    for _ in 0..6 {
+        assert_ne!(request(&lab.client, VIP).unwrap(), "b2");
+    }
+    std::fs::remove_file(lab.unhealthy_flag(1)).unwrap();
+    agent.wait_for("b2 up", Duration::from_secs(10), |s| s["services"][0]["backends"][1]["state"] == "up");
+
+    for h in held.iter().filter(|h| h.backend != "b2") {
+        h.close().unwrap();
+    }
+    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
+        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
     });
 }
 
