@@ -324,3 +324,33 @@ fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
         assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_REDIRECT, Some(old)), "the old port is free again");
     });
 }
+
+#[test]
+fn spoofed_rsts_on_either_side_of_a_full_nat_flow_are_judged_by_its_windows() {
+    with_full_nat(&[1], [30000, 30099], |b| {
+        let (ours, _) = syn(b, 44000).unwrap();
+        let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
+        let from_client = |flags, seq, ack| Tcp::new(client(44000), VIP, flags).seq(seq).ack(ack).frame();
+        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
+        assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
+        let established = || b.status().unwrap().services[0].backends[0].active_connections;
+        assert_eq!(established(), 1);
+
+        // Right ports, made-up numbers: to the VIP as if from the client,
+        // and to the balancer's port as if from the backend.
+        for far in [0x4000_0000u32, 0x8000_0000, 0xc000_0000] {
+            assert_eq!(run(b, &from_client(RST, CLIENT_ISN.wrapping_add(far), 0)).0, XDP_DROP);
+            assert_eq!(run(b, &back(RST, BACKEND_ISN.wrapping_add(far), 0)).0, XDP_DROP);
+        }
+        assert_eq!(counter(b, Counter::RstOutOfWindow), 6);
+        assert_eq!(established(), 1, "the flow is untouched");
+        let data = Tcp::new(client(44000), VIP, ACK | PSH).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1).payload(b"still here");
+        let (verdict, out) = run(b, &data.frame());
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, backend(0)));
+
+        // The backend's exact RST, on the balancer's port, ends it.
+        let (verdict, out) = run(b, &back(RST, BACKEND_ISN + 1, 0));
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(44000)));
+        assert_eq!(established(), 0);
+    });
+}
