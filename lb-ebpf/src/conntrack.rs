@@ -651,14 +651,8 @@ fn release_reply(key: &FlowKey, reply_key: &FlowKey, old: &Flow, old_state: u32,
     let Some(reply) = FLOWS.get_ptr_mut(reply_key) else {
         return;
     };
-    let (observed, ours, answered) = unsafe {
-        (
-            core::ptr::read_volatile(&(*reply).state),
-            (*reply).direction == DIR_REPLY && (*reply).peer_addr == key.saddr && (*reply).peer_port == key.sport,
-            (*reply).last_seen != 0,
-        )
-    };
-    if !ours || observed & FLOW_EXPIRED != 0 {
+    let (observed, answered) = unsafe { (core::ptr::read_volatile(&(*reply).state), (*reply).last_seen != 0) };
+    if !is_reply_of(unsafe { &*reply }, key) || observed & FLOW_EXPIRED != 0 {
         return;
     }
     if old.mode == MODE_FULLNAT && answered && old_state & FLOW_RESET == 0 {
@@ -673,9 +667,29 @@ fn release_reply(key: &FlowKey, reply_key: &FlowKey, old: &Flow, old_state: u32,
         }
         return;
     }
-    if atomic::compare_exchange(unsafe { &mut (*reply).state }, observed, observed | FLOW_EXPIRED) {
-        let _ = FLOWS.remove(reply_key);
+    remove_claimed(reply, observed, reply_key);
+}
+
+/// Whether `reply` is the reply entry of the flow on the client's `key`, and
+/// not a new full-NAT flow's that took its port over (`take_over`).
+#[inline(always)]
+fn is_reply_of(reply: &Flow, key: &FlowKey) -> bool {
+    reply.direction == DIR_REPLY
+        && reply.nat_addr == key.daddr
+        && reply.nat_port == key.dport
+        && reply.peer_addr == key.saddr
+        && reply.peer_port == key.sport
+}
+
+/// Removes `entry` (under `key`, its state `observed`) if no other CPU has
+/// changed it meanwhile: a SYN taking a port over wins against its removal.
+#[inline(always)]
+fn remove_claimed(entry: *mut Flow, observed: u32, key: &FlowKey) -> bool {
+    if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, observed | FLOW_EXPIRED) {
+        return false;
     }
+    let _ = FLOWS.remove(key);
+    true
 }
 
 /// The state a reused entry starts from: no flags, the next generation.
@@ -920,15 +934,7 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         let hold = forward;
         let (observed, last_seen) = unsafe { (core::ptr::read_volatile(&(*hold).state), (*hold).last_seen) };
         let held_long_enough = now.saturating_sub(last_seen) >= flow_timeout(timeouts, FLOW_RESET, MODE_FULLNAT);
-        if observed & FLOW_EXPIRED != 0 || !held_long_enough {
-            return false;
-        }
-        // A SYN taking the port over meanwhile wins.
-        if !atomic::compare_exchange(unsafe { &mut (*hold).state }, observed, observed | FLOW_EXPIRED) {
-            return false;
-        }
-        let _ = FLOWS.remove(key);
-        return true;
+        return observed & FLOW_EXPIRED == 0 && held_long_enough && remove_claimed(hold, observed, key);
     }
     let (observed, last_seen, service, slot, mode) = unsafe {
         if (*forward).direction != DIR_FORWARD {
@@ -942,19 +948,11 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     }
     let reply_key = key.reply(unsafe { &*forward });
     let mut replied_at = 0u64;
-    // Unless a new full-NAT flow has taken the port over (`take_over`).
     let mut reply_is_ours = None;
     if let Some(reply) = FLOWS.get_ptr_mut(&reply_key) {
-        unsafe {
-            let ours = (*reply).direction == DIR_REPLY
-                && (*reply).nat_addr == key.daddr
-                && (*reply).nat_port == key.dport
-                && (*reply).peer_addr == key.saddr
-                && (*reply).peer_port == key.sport;
-            if ours {
-                replied_at = (*reply).last_seen;
-                reply_is_ours = Some((reply, core::ptr::read_volatile(&(*reply).state)));
-            }
+        if is_reply_of(unsafe { &*reply }, key) {
+            replied_at = unsafe { (*reply).last_seen };
+            reply_is_ours = Some((reply, unsafe { core::ptr::read_volatile(&(*reply).state) }));
         }
     }
     let latest = flow_last_active(observed, last_seen, replied_at);
@@ -968,10 +966,8 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         release(service, slot, observed);
     }
     if let Some((reply, reply_state)) = reply_is_ours {
-        if reply_state & FLOW_EXPIRED == 0
-            && atomic::compare_exchange(unsafe { &mut (*reply).state }, reply_state, reply_state | FLOW_EXPIRED)
-        {
-            let _ = FLOWS.remove(&reply_key);
+        if reply_state & FLOW_EXPIRED == 0 {
+            remove_claimed(reply, reply_state, &reply_key);
         }
     }
     let _ = FLOWS.remove(key);
