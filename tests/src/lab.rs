@@ -367,7 +367,7 @@ impl Drop for Agent {
 /// peer's queue by the CPU they run on, spread one flow's packets over
 /// several queues and reorder them (on 16 CPUs, about one connection in 30).
 pub fn pin_napi(ns: &Netns, links: &[&str], cpus: &str) {
-    let cpus = cpu_list(cpus);
+    let cpus = cpu_list(cpus).unwrap_or_default();
     if cpus.is_empty() {
         return;
     }
@@ -394,12 +394,20 @@ fn napi_threads() -> std::collections::BTreeSet<u32> {
 }
 
 /// The CPUs a taskset list names: "4-7,9" is [4, 5, 6, 7, 9].
-pub fn cpu_list(list: &str) -> Vec<usize> {
-    list.split(',')
-        .filter_map(|part| match part.split_once('-') {
-            Some((a, b)) => Some((a.trim().parse().ok()?..=b.trim().parse().ok()?).collect::<Vec<usize>>()),
-            None => Some(vec![part.trim().parse().ok()?]),
-        })
-        .flatten()
-        .collect()
+pub fn cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("{list:?} is not a CPU list such as 0-3,8");
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if b < a {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(cpus)
 }

@@ -22,9 +22,12 @@ fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
 }
 
 fn weighted_full_nat_config(lab: &Lab, interfaces: &str, weights: &[u32]) -> String {
-    lab.config(weights, "")
-        .replace("interfaces = [\"cli\", \"srv\"]", &format!("interfaces = {interfaces}"))
-        .replace("mode = \"nat\"", "mode = \"fullnat\"")
+    full_nat(lab.config(weights, "")).replace("interfaces = [\"cli\", \"srv\"]", &format!("interfaces = {interfaces}"))
+}
+
+/// A lab config (`Lab::config`, `Lab::config_full`) in full NAT.
+fn full_nat(config: String) -> String {
+    config.replace("mode = \"nat\"", "mode = \"fullnat\"")
 }
 
 
@@ -163,13 +166,11 @@ fn least_connections_refill_http_health_and_the_reset_policy_work_in_full_nat() 
     let lab = Lab::new(3);
     lab.backends_without_routes();
     let _servers = lab.start_processes();
-    let config = lab
-        .config_full(
-            &["weight = 1"; 3],
-            "",
-            "on_backend_down = \"reset\"\n[service.health]\ntype = \"http\"\nport = 81\npath = \"/health\"\n",
-        )
-        .replace("mode = \"nat\"", "mode = \"fullnat\"");
+    let config = full_nat(lab.config_full(
+        &["weight = 1"; 3],
+        "",
+        "on_backend_down = \"reset\"\n[service.health]\ntype = \"http\"\nport = 81\npath = \"/health\"\n",
+    ));
     let agent = lab.start_agent(&config);
     let active = || agent.active().into_iter().map(|(_, n)| n).collect::<Vec<u64>>();
 

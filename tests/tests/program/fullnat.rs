@@ -33,6 +33,17 @@ fn syn(b: &lb::reconcile::Balancer, port: u16) -> Option<(SocketAddrV4, SocketAd
     })
 }
 
+/// A flow from the client's `port` through its handshake; the balancer's
+/// port it took.
+fn established(b: &lb::reconcile::Balancer, port: u16) -> SocketAddrV4 {
+    let (ours, _) = syn(b, port).expect("a port is free");
+    let syn_ack = Tcp::new(backend(0), ours, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+    assert_eq!(run(b, &syn_ack.frame()).0, XDP_REDIRECT);
+    let ack = Tcp::new(client(port), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
+    assert_eq!(run(b, &ack.frame()).0, XDP_REDIRECT);
+    ours
+}
+
 #[test]
 fn both_ends_are_rewritten_both_ways_and_the_backend_sees_only_the_balancer() {
     with_full_nat(&[1], [20000, 29999], |b| {
@@ -95,11 +106,9 @@ fn ports_are_taken_per_backend_and_exhaustion_drops_the_syn_and_is_counted() {
 #[test]
 fn a_closed_flows_port_stays_taken_while_the_backend_may_hold_time_wait() {
     with_full_nat(&[1], [30000, 30000], |b| {
-        let (ours, _) = syn(b, 42000).unwrap();
+        let ours = established(b, 42000);
         let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
         let from_client = |flags, seq, ack| Tcp::new(client(42000), VIP, flags).seq(seq).ack(ack).frame();
-        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
         // Closed both ways.
         assert_eq!(run(b, &from_client(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
         assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 2)).0, XDP_REDIRECT);
@@ -200,15 +209,15 @@ fn ts(value: u32) -> Vec<u8> {
 
 /// Opens a flow from the client's `port` and closes it as a web server does,
 /// the backend first (so the backend keeps it in TIME_WAIT), the client's
-/// FIN carrying timestamp `ts_at_close`. Returns the balancer's port.
-fn closed_by_the_backend(b: &lb::reconcile::Balancer, port: u16, ts_at_close: u32) -> SocketAddrV4 {
-    let (ours, _) = syn(b, port).expect("a port is free");
+/// FIN carrying timestamp `ts_at_close` if any. Returns the balancer's port.
+fn closed_by_the_backend(b: &lb::reconcile::Balancer, port: u16, ts_at_close: Option<u32>) -> SocketAddrV4 {
+    let ours = established(b, port);
     let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
-    let from_client = |flags, seq, ack| Tcp::new(client(port), VIP, flags).seq(seq).ack(ack);
-    assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-    assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1).frame()).0, XDP_REDIRECT);
     assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-    let fin = from_client(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2).tcp_options(&ts(ts_at_close));
+    let mut fin = Tcp::new(client(port), VIP, FIN | ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 2);
+    if let Some(value) = ts_at_close {
+        fin = fin.tcp_options(&ts(value));
+    }
     assert_eq!(run(b, &fin.frame()).0, XDP_REDIRECT);
     assert_eq!(run(b, &back(ACK, BACKEND_ISN + 2, CLIENT_ISN + 2)).0, XDP_REDIRECT);
     ours
@@ -224,7 +233,7 @@ fn syn_with_ts(b: &lb::reconcile::Balancer, port: u16, tsval: u32) -> (u32, Opti
 #[test]
 fn a_closed_flows_port_goes_to_a_new_flow_only_with_a_syn_the_backends_time_wait_accepts() {
     with_full_nat(&[1], [30000, 30000], |b| {
-        let old = closed_by_the_backend(b, 42000, 5000);
+        let old = closed_by_the_backend(b, 42000, Some(5000));
         // Another client whose timestamps run behind: the backend's
         // TIME_WAIT would answer its SYN for the old connection.
         assert_eq!(syn_with_ts(b, 42001, 4000), (XDP_DROP, None));
@@ -249,14 +258,8 @@ fn a_closed_flows_port_goes_to_a_new_flow_only_with_a_syn_the_backends_time_wait
 #[test]
 fn without_timestamps_the_sequence_numbers_decide_and_after_an_rst_any_syn_may_take_the_port() {
     with_full_nat(&[1], [30000, 30000], |b| {
-        let (ours, _) = syn(b, 42000).unwrap();
+        let ours = closed_by_the_backend(b, 42000, None);
         let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
-        let from_client = |flags, seq, ack| Tcp::new(client(42000), VIP, flags).seq(seq).ack(ack).frame();
-        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &from_client(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &back(ACK, BACKEND_ISN + 2, CLIENT_ISN + 2)).0, XDP_REDIRECT);
 
         let syn_at = |port: u16, seq: u32| run(b, &Tcp::new(client(port), VIP, SYN).seq(seq).frame()).0;
         assert_eq!(syn_at(42001, CLIENT_ISN), XDP_DROP, "not beyond what the old connection sent");
@@ -276,7 +279,7 @@ fn without_timestamps_the_sequence_numbers_decide_and_after_an_rst_any_syn_may_t
 /// a client with `tcp_tw_reuse` does: the new flow gets the other port of
 /// two, and the old port is left held. Returns (old port, new port).
 fn reuse_leaves_a_hold(b: &lb::reconcile::Balancer) -> (SocketAddrV4, SocketAddrV4) {
-    let old = closed_by_the_backend(b, 42000, 5000);
+    let old = closed_by_the_backend(b, 42000, Some(5000));
     let (verdict, new) = syn_with_ts(b, 42000, 4000);
     assert_eq!(verdict, XDP_REDIRECT);
     let new = new.unwrap();
@@ -328,13 +331,11 @@ fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
 #[test]
 fn spoofed_rsts_on_either_side_of_a_full_nat_flow_are_judged_by_its_windows() {
     with_full_nat(&[1], [30000, 30099], |b| {
-        let (ours, _) = syn(b, 44000).unwrap();
+        let ours = established(b, 44000);
         let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
         let from_client = |flags, seq, ack| Tcp::new(client(44000), VIP, flags).seq(seq).ack(ack).frame();
-        assert_eq!(run(b, &back(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-        assert_eq!(run(b, &from_client(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1)).0, XDP_REDIRECT);
-        let established = || b.status().unwrap().services[0].backends[0].active_connections;
-        assert_eq!(established(), 1);
+        let active_now = || b.status().unwrap().services[0].backends[0].active_connections;
+        assert_eq!(active_now(), 1);
 
         // Right ports, made-up numbers: to the VIP as if from the client,
         // and to the balancer's port as if from the backend.
@@ -343,7 +344,7 @@ fn spoofed_rsts_on_either_side_of_a_full_nat_flow_are_judged_by_its_windows() {
             assert_eq!(run(b, &back(RST, BACKEND_ISN.wrapping_add(far), 0)).0, XDP_DROP);
         }
         assert_eq!(counter(b, Counter::RstOutOfWindow), 6);
-        assert_eq!(established(), 1, "the flow is untouched");
+        assert_eq!(active_now(), 1, "the flow is untouched");
         let data = Tcp::new(client(44000), VIP, ACK | PSH).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1).payload(b"still here");
         let (verdict, out) = run(b, &data.frame());
         assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, backend(0)));
@@ -351,6 +352,6 @@ fn spoofed_rsts_on_either_side_of_a_full_nat_flow_are_judged_by_its_windows() {
         // The backend's exact RST, on the balancer's port, ends it.
         let (verdict, out) = run(b, &back(RST, BACKEND_ISN + 1, 0));
         assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(44000)));
-        assert_eq!(established(), 0);
+        assert_eq!(active_now(), 0);
     });
 }

@@ -115,16 +115,7 @@ impl Setup {
 
 /// How many CPUs a `taskset` list names ("0-3,8" is 5).
 fn cpu_count(list: &str) -> Result<usize, String> {
-    list.split(',').try_fold(0, |n, part| {
-        let bad = || format!("{list:?} is not a CPU list such as 0-3,8");
-        Ok(n + match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                b.checked_sub(a).ok_or_else(bad)? + 1
-            }
-            None => part.parse::<usize>().map(|_| 1).map_err(|_| bad())?,
-        })
-    })
+    lb_tests::lab::cpu_list(list).map(|cpus| cpus.len())
 }
 
 /// `program` run under `taskset -c cpus` when there are CPUs to pin to.
@@ -270,16 +261,28 @@ impl Stacks {
         }
     }
 
-    fn since(self, before: Stacks) -> Stacks {
+    /// The counters that moved between `before` and these; `sign` -1, or
+    /// +1 for the sum of two runs'.
+    fn combined(self, other: Stacks, sign: i64) -> Stacks {
+        let n = |a: u64, b: u64| (a as i64 + sign * b as i64).max(0) as u64;
+        let f = sign as f64;
         Stacks {
-            client_rsts: self.client_rsts - before.client_rsts,
-            balancer_rsts: self.balancer_rsts - before.balancer_rsts,
-            backend_rsts: self.backend_rsts - before.backend_rsts,
-            retransmitted: self.retransmitted - before.retransmitted,
-            softirq_seconds: self.softirq_seconds - before.softirq_seconds,
-            agent_seconds: self.agent_seconds - before.agent_seconds,
-            link_drops: 0,
+            client_rsts: n(self.client_rsts, other.client_rsts),
+            balancer_rsts: n(self.balancer_rsts, other.balancer_rsts),
+            backend_rsts: n(self.backend_rsts, other.backend_rsts),
+            retransmitted: n(self.retransmitted, other.retransmitted),
+            softirq_seconds: self.softirq_seconds + f * other.softirq_seconds,
+            agent_seconds: self.agent_seconds + f * other.agent_seconds,
+            link_drops: n(self.link_drops, other.link_drops),
         }
+    }
+
+    fn since(self, before: Stacks) -> Stacks {
+        self.combined(before, -1)
+    }
+
+    fn plus(self, other: Stacks) -> Stacks {
+        self.combined(other, 1)
     }
 }
 
@@ -757,15 +760,7 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
          | way | client RSTs | balancer host RSTs | backends' RSTs | retransmitted segments | softirq CPU s | agent CPU s | link drops |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &results {
-        let s = r.close.iter().fold(Stacks::default(), |a, w| Stacks {
-            client_rsts: a.client_rsts + w.stacks.client_rsts,
-            balancer_rsts: a.balancer_rsts + w.stacks.balancer_rsts,
-            backend_rsts: a.backend_rsts + w.stacks.backend_rsts,
-            retransmitted: a.retransmitted + w.stacks.retransmitted,
-            softirq_seconds: a.softirq_seconds + w.stacks.softirq_seconds,
-            agent_seconds: a.agent_seconds + w.stacks.agent_seconds,
-            link_drops: a.link_drops + w.stacks.link_drops,
-        });
+        let s = r.close.iter().fold(Stacks::default(), |sum, w| sum.plus(w.stacks));
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
