@@ -45,6 +45,20 @@ pub const MODE_NAT: u8 = 0;
 /// The backend sees the balancer's address and a port of its own for each
 /// flow, so it needs no route to the clients.
 pub const MODE_FULLNAT: u8 = 1;
+/// Direct server return on the balancer's own segment: only the destination
+/// MAC changes; the backend holds the VIP and answers the client directly,
+/// so the balancer sees the client's side of the flow only.
+pub const MODE_DSR: u8 = 2;
+/// Direct server return through an IPIP tunnel: the client's packet, as it
+/// came, inside an outer header from the balancer (`Flow::peer_addr`) to the
+/// backend (`Flow::nat_addr`), which decapsulates it.
+pub const MODE_DSR_IPIP: u8 = 3;
+
+/// The balancer never sees the backend's side of the flow.
+#[inline(always)]
+pub const fn mode_is_dsr(mode: u8) -> bool {
+    mode == MODE_DSR || mode == MODE_DSR_IPIP
+}
 
 /// Client to VIP: the destination is rewritten to the backend.
 pub const DIR_FORWARD: u8 = 0;
@@ -328,7 +342,8 @@ mod tests {
         let client = FlowKey { saddr: 1, daddr: 2, sport: 3, dport: 4 };
         // nat: the backend sees the client; full NAT: the balancer (7:6).
         for (peer_addr, peer_port) in [(1, 3), (7, 6)] {
-            let forward = Flow { nat_addr: 9, nat_port: 8, peer_addr, peer_port, direction: DIR_FORWARD, ..Flow::default() };
+            let forward =
+                Flow { nat_addr: 9, nat_port: 8, peer_addr, peer_port, direction: DIR_FORWARD, ..Flow::default() };
             let reply_key = client.reply(&forward);
             assert_eq!(reply_key, FlowKey { saddr: 9, daddr: peer_addr, sport: 8, dport: peer_port });
             let reply = Flow {

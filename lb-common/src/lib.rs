@@ -33,7 +33,7 @@ mod pod {
     }
     pod!(
         ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts,
-        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget
+        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget, DecapStats
     );
 }
 

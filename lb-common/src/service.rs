@@ -46,6 +46,10 @@ pub struct Service {
 
 /// The service rewrites both ends (`MODE_FULLNAT` flows).
 pub const SERVICE_FULLNAT: u32 = 1;
+/// Direct server return (`MODE_DSR` flows).
+pub const SERVICE_DSR: u32 = 2;
+/// With `SERVICE_DSR`: through an IPIP tunnel (`MODE_DSR_IPIP` flows).
+pub const SERVICE_IPIP: u32 = 4;
 /// Source addresses a full-NAT service may have.
 pub const MAX_SNAT_ADDRS: usize = 4;
 
@@ -67,8 +71,9 @@ pub struct Backend {
     pub weight: u32,
     /// Cap on active connections; 0 is no cap.
     pub max_conns: u32,
-    /// Full NAT without configured source addresses: the address this host
-    /// reaches the backend from (network byte order); 0 otherwise.
+    /// Full NAT without configured source addresses, and DSR over IPIP (the
+    /// tunnel's outer source): the address this host reaches the backend
+    /// from (network byte order); 0 otherwise.
     pub snat_addr: u32,
 }
 
@@ -148,7 +153,11 @@ impl BackendSet {
         // of the tier's total weight covers the point (j + ½) / PICK_TABLE.
         let weights: [u64; MAX_BACKENDS as usize] = core::array::from_fn(|i| {
             let slot = self.candidates[i].slot as usize;
-            if i < self.lowest_tier_count as usize { self.slots[slot].weight as u64 } else { 0 }
+            if i < self.lowest_tier_count as usize {
+                self.slots[slot].weight as u64
+            } else {
+                0
+            }
         });
         let total: u64 = weights.iter().sum();
         let (mut candidate, mut covered) = (0usize, weights[0]);
@@ -199,7 +208,6 @@ impl Default for ActiveCounts {
         Self { active: [0; MAX_BACKENDS as usize] }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

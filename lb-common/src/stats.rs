@@ -121,11 +121,16 @@ counters! {
     /// port it tried holds a live or recently closed flow): dropped, the
     /// client retries.
     SnatPortsExhausted = "snat_ports_exhausted",
+    /// A DSR packet whose backend has no known next hop (its MAC is not
+    /// resolved yet): dropped, since the kernel would deliver it to the
+    /// VIP here; the client retransmits, and the agent's health checks
+    /// resolve backends' neighbours.
+    DsrUnroutable = "dsr_unroutable",
 }
 
 impl Counter {
     /// Why packets were dropped: the metrics' `lb_drops` reasons.
-    pub const DROPS: [Counter; 10] = [
+    pub const DROPS: [Counter; 11] = [
         Counter::MalformedIp,
         Counter::MalformedTcp,
         Counter::NoBackend,
@@ -136,6 +141,7 @@ impl Counter {
         Counter::OutOfState,
         Counter::TupleInUse,
         Counter::SnatPortsExhausted,
+        Counter::DsrUnroutable,
     ];
     /// Other events of the data path: the metrics' `lb_events`.
     pub const EVENTS: [Counter; 15] = [
@@ -156,6 +162,20 @@ impl Counter {
         Counter::IcmpNotSent,
     ];
 }
+
+/// What a backend's decapsulation program (`lb decap`) did, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecapStats {
+    /// IPIP packets to one of its VIPs, handed on as the inner packet.
+    pub decapsulated: u64,
+    /// IPIP packets it left alone: to another address, with outer options,
+    /// or fragmented.
+    pub passed: u64,
+}
+
+/// The VIPs one decapsulation program serves, at most.
+pub const MAX_DECAP_VIPS: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +198,7 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
-        assert_eq!(Counter::SnatPortsExhausted as usize + 1, COUNTER_COUNT);
+        assert_eq!(Counter::DsrUnroutable as usize + 1, COUNTER_COUNT);
         assert_eq!(Counter::TableFull.name(), "table_full");
     }
 }

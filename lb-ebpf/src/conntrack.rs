@@ -39,8 +39,9 @@ use aya_ebpf::{
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, seq_after, time_wait_accepts, Backend, Counter, Flow, FlowKey, Service, ServiceKey,
-    Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_FULLNAT, MODE_NAT, SERVICE_FULLNAT, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
+    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, Counter, Flow, FlowKey,
+    Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
+    MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
 };
@@ -128,16 +129,25 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         }
         if state & FLOW_ESTABLISHED == 0 && flags & TCP_RST == 0 {
             // The client's ACK completing the handshake, or a stray.
-            match peer_of(key, own) {
-                Some(reply) if unsafe { (*reply).last_seen } != 0 && flags & TCP_ACK != 0
-                    && pkt.ack_seq() == unsafe { (*reply).seq_next } =>
-                {
-                    // From here on its acknowledgments are followed.
-                    own.acked = pkt.ack_seq();
-                    establish(own)
-                }
-                _ => return Tracked::Drop(Counter::OutOfState),
+            let completes = flags & TCP_ACK != 0
+                && if mode_is_dsr(own.mode) {
+                    // The backend's SYN-ACK went straight to the client:
+                    // all there is to see is an ACK right after the SYN.
+                    pkt.seq() == own.seq_next
+                } else {
+                    match peer_of(key, own) {
+                        Some(reply) => unsafe {
+                            (*reply).last_seen != 0 && pkt.ack_seq() == (*reply).seq_next
+                        },
+                        None => false,
+                    }
+                };
+            if !completes {
+                return Tracked::Drop(Counter::OutOfState);
             }
+            // From here on its acknowledgments are followed.
+            own.acked = pkt.ack_seq();
+            establish(own)
         }
     } else if flags & TCP_SYN != 0 {
         // A retransmitted SYN-ACK.
@@ -154,8 +164,15 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
             // It only ever rises, so a forged FIN cannot lower it.
             note_closing_timestamp(ctx, pkt, own);
         }
-        if let Some(dropped) = judge_close(pkt, key, own) {
+        let judged = if mode_is_dsr(own.mode) { judge_client_close(pkt, key, own) } else { judge_close(pkt, key, own) };
+        if let Some(dropped) = judged {
             return Tracked::Drop(dropped);
+        }
+        if flags & TCP_RST != 0 {
+            // Nothing is learned from an RST: one that was only in the
+            // window would move `seq_next` to itself, and a second, the
+            // same, would then pass as exact.
+            return Tracked::Forward;
         }
     }
     learn(own, pkt, now);
@@ -265,6 +282,38 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
         return Some(Counter::FinOutOfWindow);
     }
     close(key, own, forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
+    None
+}
+
+/// An RST or FIN of a DSR client, whose backend's side the balancer never
+/// sees: judged against what the client has sent. An exact RST closes the
+/// flow, one near it is forwarded and changes nothing, one far from it is
+/// dropped. The client's FIN ends the flow here (the backend's FIN, before
+/// or after it, is never seen), so a client that half-closes and keeps
+/// reading no longer counts on its backend: least connections in DSR counts
+/// connections the clients still send on.
+#[inline(always)]
+fn judge_client_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter> {
+    let seq = pkt.seq();
+    let offset = seq.wrapping_sub(own.seq_next);
+    let near = offset < FIN_SLACK || offset.wrapping_neg() <= FIN_SLACK;
+    if pkt.flags & TCP_RST != 0 {
+        if seq == own.seq_next {
+            let forward: *mut Flow = own;
+            close(key, own, forward, FLOW_RESET);
+            return None;
+        }
+        if near {
+            stats::count(Counter::RstInWindow);
+            return None;
+        }
+        return Some(Counter::RstOutOfWindow);
+    }
+    if !near {
+        return Some(Counter::FinOutOfWindow);
+    }
+    let forward: *mut Flow = own;
+    close(key, own, forward, FLOW_CLIENT_FIN | FLOW_BACKEND_FIN);
     None
 }
 
@@ -447,6 +496,22 @@ pub enum Opened {
     Drop(Option<Counter>),
 }
 
+/// The `MODE_*` of a service's new flows.
+#[inline(always)]
+fn mode_of(service: &Service) -> u8 {
+    if service.flags & SERVICE_DSR != 0 {
+        if service.flags & SERVICE_IPIP != 0 {
+            MODE_DSR_IPIP
+        } else {
+            MODE_DSR
+        }
+    } else if service.flags & SERVICE_FULLNAT != 0 {
+        MODE_FULLNAT
+    } else {
+        MODE_NAT
+    }
+}
+
 /// The service `key` is addressed to, if any.
 #[inline(always)]
 fn service_of(key: &FlowKey) -> Option<&'static Service> {
@@ -485,8 +550,11 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(Some(Counter::NoBackend));
     };
     let backend = choice.backend;
-    let full_nat = service.flags & SERVICE_FULLNAT != 0;
-    let mode = if full_nat { MODE_FULLNAT } else { MODE_NAT };
+    let mode = mode_of(service);
+    let full_nat = mode == MODE_FULLNAT;
+    // DSR flows have a forward entry only: the backend answers the client
+    // directly.
+    let dsr = mode_is_dsr(mode);
     let options = tcp_options(ctx, pkt);
     let service_row = service;
     let service = service_id as u16;
@@ -526,11 +594,20 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             return Opened::Drop(Some(Counter::TableFull));
         }
         ((taken >> 16) as u32, (taken as u16).to_be())
+    } else if mode == MODE_DSR_IPIP {
+        // The tunnel's outer source; the client's packet is not changed.
+        if backend.snat_addr == 0 {
+            return Opened::Drop(Some(Counter::DsrUnroutable));
+        }
+        (backend.snat_addr, key.sport)
     } else {
         (key.saddr, key.sport)
     };
-    let (ip_diff, l4_diff) =
-        csum_diffs((key.daddr, key.dport), (backend.addr, backend.port), (key.saddr, key.sport), (peer_addr, peer_port));
+    let (ip_diff, l4_diff) = if dsr {
+        (0, 0)
+    } else {
+        csum_diffs((key.daddr, key.dport), (backend.addr, backend.port), (key.saddr, key.sport), (peer_addr, peer_port))
+    };
     scratch.forward = Flow {
         state: 0,
         service,
@@ -552,7 +629,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let forward = &mut scratch.forward;
     let reply_key = key.reply(forward);
-    if !full_nat {
+    if mode == MODE_NAT {
         if let Some(other) = FLOWS.get_ptr(&reply_key) {
             // The backend would see this flow on the ports of one it has: two
             // services sharing a backend, a client using one source port for
@@ -619,8 +696,8 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     }
     assign(service, choice.slot);
     remember(key);
-    if full_nat {
-        // Its reply entry is in already.
+    if mode != MODE_NAT {
+        // A full-NAT flow's reply entry is in already; DSR has none.
         return Opened::Flow(&scratch.forward);
     }
     let mut inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
@@ -949,7 +1026,8 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     let reply_key = key.reply(unsafe { &*forward });
     let mut replied_at = 0u64;
     let mut reply_is_ours = None;
-    if let Some(reply) = FLOWS.get_ptr_mut(&reply_key) {
+    let reply = if mode_is_dsr(mode) { None } else { FLOWS.get_ptr_mut(&reply_key) };
+    if let Some(reply) = reply {
         if is_reply_of(unsafe { &*reply }, key) {
             replied_at = unsafe { (*reply).last_seen };
             reply_is_ours = Some((reply, unsafe { core::ptr::read_volatile(&(*reply).state) }));

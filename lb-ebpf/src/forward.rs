@@ -12,14 +12,15 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{backend_index, BackendHop, Counter, Flow, NextHop, DIR_FORWARD, PROTO_TCP};
-use network_types::eth::EthHdr;
+use lb_common::{backend_index, mode_is_dsr, BackendHop, Counter, Flow, NextHop, DIR_FORWARD, MODE_DSR_IPIP, PROTO_TCP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     clock::Now,
     csum::{apply, diff16},
     maps::{BACKEND_HOPS, ROUTE_SCRATCH},
     parse::TcpPacket,
+    tunnel,
 };
 
 const AF_INET: u8 = 2;
@@ -87,9 +88,9 @@ pub struct Sent {
 /// flow both ways.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, now: &Now) -> Route {
-    let len = pkt.ip_len();
+    let (len, overhead) = (pkt.ip_len(), tunnel::overhead(flow));
     if fresh(&flow.hop, now) {
-        return fits(Route::via(&flow.hop, false), len);
+        return fits(Route::via(&flow.hop, false), len, overhead);
     }
     // The backend's slot keeps its address until its last flow is gone, so
     // a live flow's backend hop is never another backend's.
@@ -97,7 +98,7 @@ pub fn route(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, now: &Now) -> Route
     if let Some(shared) = backend_hop {
         let cached = unsafe { &*shared };
         if cached.addr == flow.nat_addr && fresh(&cached.hop, now) {
-            return fits(Route::via(&cached.hop, true), len);
+            return fits(Route::via(&cached.hop, true), len, overhead);
         }
     }
     // Where the packet goes once rewritten.
@@ -106,7 +107,7 @@ pub fn route(ctx: &XdpContext, pkt: &TcpPacket, flow: &Flow, now: &Now) -> Route
     if let (false, Some(shared)) = (route.to_kernel(), backend_hop) {
         unsafe { *shared = BackendHop { addr: flow.nat_addr, _pad: 0, hop: *route.hop() } };
     }
-    fits(route, len)
+    fits(route, len, overhead)
 }
 
 /// A route lookup from `src` to `dst`, as the kernel would forward.
@@ -146,11 +147,12 @@ pub fn lookup(ctx: &XdpContext, src: u32, dst: u32, now_ticks: u64) -> Route {
     Route::via(hop, true)
 }
 
-/// `route`, for a packet of `len` bytes: too big for it or not.
+/// `route`, for a packet of `len` bytes that a tunnel grows by `overhead`:
+/// too big for it or not, and if so the MTU its sender must keep to.
 #[inline(always)]
-fn fits(mut route: Route, len: u16) -> Route {
-    if !route.to_kernel() && len > route.hop().mtu {
-        route.too_big_for = route.hop().mtu;
+fn fits(mut route: Route, len: u16, overhead: u16) -> Route {
+    if !route.to_kernel() && len as u32 + overhead as u32 > route.hop().mtu as u32 {
+        route.too_big_for = route.hop().mtu.saturating_sub(overhead);
     }
     route
 }
@@ -162,17 +164,31 @@ pub fn refusal(pkt: &TcpPacket, route: &Route) -> Option<Refusal> {
     (route.too_big_for != 0 && pkt.frag_flags() & IP_DF != 0).then_some(Refusal::TooBig(route.too_big_for))
 }
 
-/// Sends the rewritten packet by `route`.
+/// Sends the rewritten packet of `flow` by `route`, through its tunnel if
+/// it has one.
 #[inline(always)]
-pub fn send(pkt: &TcpPacket, route: &Route) -> Sent {
+pub fn send(ctx: &XdpContext, pkt: &TcpPacket, route: &Route, flow: &Flow) -> Sent {
     if route.to_kernel() || route.too_big_for != 0 {
+        if mode_is_dsr(flow.mode) {
+            // The kernel would take it for the VIP, delivered here.
+            crate::stats::count(Counter::DsrUnroutable);
+            return Sent { action: xdp_action::XDP_DROP, counter: Counter::VerdictDrop };
+        }
         if route.too_big_for != 0 {
             crate::stats::count(Counter::TooBigToKernel);
         }
         return Sent { action: xdp_action::XDP_PASS, counter: Counter::VerdictPass };
     }
-    decrement_ttl(pkt);
-    Sent { action: redirect(pkt.eth, route.hop()), counter: Counter::VerdictRedirect }
+    decrement_ttl(unsafe { &mut *pkt.ip });
+    let eth = if flow.mode == MODE_DSR_IPIP {
+        match tunnel::encapsulate(ctx, flow) {
+            Some(eth) => eth,
+            None => return Sent { action: xdp_action::XDP_DROP, counter: Counter::VerdictDrop },
+        }
+    } else {
+        pkt.eth
+    };
+    Sent { action: redirect(eth, route.hop()), counter: Counter::VerdictRedirect }
 }
 
 #[inline(always)]
@@ -187,8 +203,7 @@ fn backend_hop(flow: &Flow) -> Option<*mut BackendHop> {
 
 /// One hop less, as a router forwards (the caller has made sure TTL > 1).
 #[inline(always)]
-fn decrement_ttl(pkt: &TcpPacket) {
-    let ip = unsafe { &mut *pkt.ip };
+pub fn decrement_ttl(ip: &mut Ipv4Hdr) {
     let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
     let new_word = u16::from_ne_bytes([ip.ttl, ip.proto]);

@@ -9,13 +9,14 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Counter, Flow, FlowKey, DIR_FORWARD, DIR_HOLD, MODE_FULLNAT};
+use lb_common::{mode_is_dsr, Counter, Flow, FlowKey, DIR_FORWARD, DIR_HOLD, MODE_DSR_IPIP, MODE_FULLNAT};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     csum::{apply, diff16, diff32, fold, words},
     forward::{self, Refusal},
     parse::{IcmpError, TcpPacket, DEST_UNREACHABLE, FRAG_NEEDED, PROTO_ICMP, TIME_EXCEEDED},
+    tunnel,
 };
 
 /// What an answer quotes: the offending packet's IP header (without
@@ -142,6 +143,9 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
         crate::stats::count(Counter::IcmpNotSent);
         return XDP_DROP;
     }
+    if mode_is_dsr(flow.mode) {
+        return to_dsr_backend(ctx, err, flow);
+    }
 
     // The quote: both ends as the flow's rewrite sets them, and the quoted
     // checksums, which change by what the rewrite of a packet of this
@@ -198,4 +202,30 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
         return PASS;
     }
     forward::redirect(err.eth, route.hop())
+}
+
+/// An ICMP error about a DSR backend's reply (VIP → client), which came
+/// to the VIP here: the backend sent the reply, so only it can act on the
+/// error (a smaller path MTU above all). It gets the error as it is, one
+/// hop on, the way its flow's packets go (through the tunnel, if any).
+#[inline(always)]
+fn to_dsr_backend(ctx: &XdpContext, err: &IcmpError, flow: &Flow) -> u32 {
+    let ip = unsafe { &mut *err.ip };
+    forward::decrement_ttl(ip);
+    let src = if flow.mode == MODE_DSR_IPIP { flow.peer_addr } else { u32::from_ne_bytes(ip.src_addr) };
+    let route = forward::lookup(ctx, src, flow.nat_addr, 0);
+    if route.to_kernel() {
+        crate::stats::count(Counter::DsrUnroutable);
+        return XDP_DROP;
+    }
+    let eth = if flow.mode == MODE_DSR_IPIP {
+        match tunnel::encapsulate(ctx, flow) {
+            Some(eth) => eth,
+            None => return XDP_DROP,
+        }
+    } else {
+        err.eth
+    };
+    crate::stats::count(Counter::IcmpTranslated);
+    forward::redirect(eth, route.hop())
 }

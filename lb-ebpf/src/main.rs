@@ -8,6 +8,7 @@ mod atomic;
 mod clock;
 mod conntrack;
 mod csum;
+mod decap;
 mod forward;
 mod icmp;
 mod maps;
@@ -17,6 +18,7 @@ mod reset;
 mod schedule;
 mod stats;
 mod trace;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
@@ -137,7 +139,7 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
     stats::count_packet(flow, pkt.len);
 
     // Send.
-    let sent = forward::send(&pkt, &route);
+    let sent = forward::send(ctx, &pkt, &route, flow);
     if let (true, Some(entry)) = (route.learned, entry) {
         // The flow keeps its next hop for the packets after this one.
         unsafe { (*entry).hop = *route.hop() };
@@ -192,6 +194,13 @@ pub fn lb_expire(ctx: XdpContext) -> u32 {
     }
     unsafe { (*request).expired = expired };
     XDP_PASS
+}
+
+/// Attached by `lb decap` on a DSR backend, not by the agent: strips the
+/// IPIP tunnel from packets for the backend's VIPs.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::decapsulate(&ctx)
 }
 
 /// Does nothing but pass the packet: the floor that `cargo xtask bench micro`

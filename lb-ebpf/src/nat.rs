@@ -1,5 +1,5 @@
 //! Address and port rewriting with checksums kept valid.
-use lb_common::{Flow, DIR_FORWARD};
+use lb_common::{mode_is_dsr, Flow, DIR_FORWARD};
 
 use crate::{
     csum::{apply, diff16, diff32, fold},
@@ -17,9 +17,14 @@ pub fn csum_diffs(old: (u32, u16), new: (u32, u16), old_peer: (u32, u16), new_pe
 
 /// Forward packets get the backend as destination and the peer (the
 /// client itself, or in full NAT the balancer's address) as source;
-/// replies get the VIP as source and the client as destination.
+/// replies get the VIP as source and the client as destination. DSR
+/// leaves addresses and ports as the client sent them: the backend holds
+/// the VIP.
 #[inline(always)]
 pub fn rewrite(pkt: &TcpPacket, flow: &Flow) {
+    if mode_is_dsr(flow.mode) {
+        return;
+    }
     unsafe {
         let ip = &mut *pkt.ip;
         let tcp = &mut *pkt.tcp;

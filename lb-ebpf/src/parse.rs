@@ -12,9 +12,9 @@ use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN}
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 
-const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.
-const IP_FRAGMENT_MASK: u16 = 0x3fff;
+pub const IP_FRAGMENT_MASK: u16 = 0x3fff;
 
 pub struct TcpPacket {
     pub eth: *mut EthHdr,
@@ -224,7 +224,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + offset + mem::size_of::<T>() > ctx.data_end() {
         return None;

@@ -90,12 +90,7 @@ impl Default for TimeoutConfig {
 impl TimeoutConfig {
     pub fn to_wire(self) -> Timeouts {
         let ns = |s: f64| (s * 1e9) as u64;
-        Timeouts {
-            syn: ns(self.syn),
-            established: ns(self.established),
-            fin: ns(self.fin),
-            closed: ns(self.closed),
-        }
+        Timeouts { syn: ns(self.syn), established: ns(self.established), fin: ns(self.fin), closed: ns(self.closed) }
     }
 }
 
@@ -144,6 +139,23 @@ pub enum Mode {
     #[serde(rename = "fullnat")]
     #[value(name = "fullnat")]
     FullNat,
+    /// Direct server return: the balancer sees and forwards only the
+    /// clients' packets; each backend holds the VIP and answers the clients
+    /// itself (`tunnel` says how packets reach it).
+    Dsr,
+}
+
+/// How DSR packets reach a backend.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Tunnel {
+    /// On the balancer's own segment: the frame goes to the backend's MAC
+    /// address, the packet unchanged (IPVS DR).
+    #[default]
+    None,
+    /// Inside an IPIP header from the balancer to the backend, for backends
+    /// in other subnets; the backend decapsulates (`lb decap attach`).
+    Ipip,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -155,6 +167,9 @@ pub struct ServiceConfig {
     pub scheduler: Scheduler,
     #[serde(default)]
     pub mode: Mode,
+    /// DSR: how packets reach the backends.
+    #[serde(default, skip_serializing_if = "is_default_tunnel")]
+    pub tunnel: Tunnel,
     /// Active health checks; without them backends count as up unless the
     /// data path sees them fail (passive checks).
     #[serde(default)]
@@ -188,6 +203,10 @@ fn is_default_snat_ports(ports: &[u16; 2]) -> bool {
     *ports == DEFAULT_SNAT_PORTS
 }
 
+fn is_default_tunnel(tunnel: &Tunnel) -> bool {
+    *tunnel == Tunnel::None
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DownPolicy {
@@ -214,6 +233,16 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::Nat => "nat",
             Mode::FullNat => "fullnat",
+            Mode::Dsr => "dsr",
+        })
+    }
+}
+
+impl std::fmt::Display for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tunnel::None => "none",
+            Tunnel::Ipip => "ipip",
         })
     }
 }
@@ -350,15 +379,15 @@ impl HealthConfig {
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
         Self::parse(&text, path)
     }
 
     /// A config file's text, read from `path`.
     pub fn parse(text: &str, path: &std::path::Path) -> Result<Self> {
-        let config: Config = toml::from_str(text)
-            .with_context(|| format!("{} is not a valid config", path.display()))?;
+        let config: Config =
+            toml::from_str(text).with_context(|| format!("{} is not a valid config", path.display()))?;
         config.validate().with_context(|| format!("{} is not a valid config", path.display()))?;
         Ok(config)
     }
@@ -379,7 +408,11 @@ impl Config {
             seconds(&format!("agent.timeouts.{name}"), v, 0.001, MAX_TIMEOUT)?;
         }
         if self.services.len() > a.max_services as usize {
-            bail!("{} services, but agent.max_services is {}: raise it (up to {MAX_SERVICES})", self.services.len(), a.max_services);
+            bail!(
+                "{} services, but agent.max_services is {}: raise it (up to {MAX_SERVICES})",
+                self.services.len(),
+                a.max_services
+            );
         }
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
@@ -412,18 +445,29 @@ impl ServiceConfig {
             bail!("service {}: snat_addresses and snat_ports are for mode = \"fullnat\"", self.name);
         }
         if self.snat_addresses.len() > lb_common::MAX_SNAT_ADDRS {
-            bail!("service {}: at most {} snat_addresses, not {}", self.name, lb_common::MAX_SNAT_ADDRS, self.snat_addresses.len());
+            bail!(
+                "service {}: at most {} snat_addresses, not {}",
+                self.name,
+                lb_common::MAX_SNAT_ADDRS,
+                self.snat_addresses.len()
+            );
         }
-        if let Some(bad) = self.snat_addresses.iter().find(|a| a.is_unspecified() || a.is_multicast() || a.is_broadcast()) {
+        if let Some(bad) =
+            self.snat_addresses.iter().find(|a| a.is_unspecified() || a.is_multicast() || a.is_broadcast())
+        {
             bail!("service {}: snat_addresses: {bad} is not an address of this host", self.name);
         }
         let [first, last] = self.snat_ports;
         if first < 1024 || first > last {
             bail!("service {}: snat_ports must be [first, last] with 1024 <= first <= last <= 65535, not [{first}, {last}]", self.name);
         }
+        if self.mode != Mode::Dsr && self.tunnel != Tunnel::None {
+            bail!("service {}: tunnel = \"{}\" is for mode = \"dsr\"", self.name, self.tunnel);
+        }
         let mut seen = HashSet::new();
         for b in &self.backends {
             b.validate(&self.name)?;
+            self.check_backend_port(b)?;
             if !seen.insert(b.address) {
                 bail!("service {}: backend {} is listed twice", self.name, b.address);
             }
@@ -432,10 +476,28 @@ impl ServiceConfig {
     }
 }
 
+impl ServiceConfig {
+    /// In DSR the packet reaches the backend with the VIP's port, and the
+    /// backend answers from it: a backend on another port cannot serve.
+    pub fn check_backend_port(&self, b: &BackendConfig) -> Result<()> {
+        if self.mode == Mode::Dsr && b.address.port() != self.vip.port() {
+            bail!(
+                "service {}: in DSR a backend gets the client's packets as sent, to the VIP's port {}, so it \
+                 listens on that port, not {}: give backend {} port {}",
+                self.name,
+                self.vip.port(),
+                b.address.port(),
+                b.address.ip(),
+                self.vip.port()
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
         bail!("service name {name:?} must be 1-64 letters, digits, '-', '_' or '.'");
     }
@@ -504,12 +566,22 @@ mod tests {
         assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\nscheduler='rr'").contains("least_conn"));
         assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service]]\nname='a'\nvip='1.2.3.5:80'")
             .contains("used twice"));
-        assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\nweight=70000")
-            .contains("weight"));
+        assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\ntunnel='ipip'").contains("is for mode = \"dsr\""));
+        assert!(err("[[service]]\nname='a'\nvip='1.2.3.4:80'\nmode='dsr'\ntunnel='gre'").contains("ipip"));
+        let dsr_port =
+            err("[[service]]\nname='a'\nvip='1.2.3.4:80'\nmode='dsr'\n[[service.backend]]\naddress='1.2.3.5:8080'");
+        assert!(dsr_port.contains("give backend 1.2.3.5 port 80"), "{dsr_port}");
+        assert!(err(
+            "[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\nweight=70000"
+        )
+        .contains("weight"));
         assert!(err("[agent]\nbogus=1").contains("unknown field"));
         let backend = "[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service.backend]]\naddress='1.1.1.1:80'\n";
         for (extra, said) in [
-            ("fail_timeout = 1e30", "fail_timeout must be between 0 and 2592000 seconds, not 1000000000000000000000000000000"),
+            (
+                "fail_timeout = 1e30",
+                "fail_timeout must be between 0 and 2592000 seconds, not 1000000000000000000000000000000",
+            ),
             ("fail_timeout = -1", "fail_timeout must be between 0"),
             ("fail_timeout = nan", "fail_timeout must be between 0"),
             ("slow_start = inf", "slow_start must be between 0"),
@@ -523,7 +595,9 @@ mod tests {
         assert!(err("[agent.timeouts]\nestablished = 1e30").contains("agent.timeouts.established must be between"));
         assert!(err("[agent]\naging_interval_ms = 86400000000").contains("aging_interval_ms must be between 1"));
         assert!(err("[agent]\nmax_services=0").contains("agent.max_services must be between 1 and 256"));
-        assert!(err("[agent]\nmax_services=1\n[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service]]\nname='b'\nvip='1.2.3.5:80'")
-            .contains("2 services, but agent.max_services is 1"));
+        assert!(err(
+            "[agent]\nmax_services=1\n[[service]]\nname='a'\nvip='1.2.3.4:80'\n[[service]]\nname='b'\nvip='1.2.3.5:80'"
+        )
+        .contains("2 services, but agent.max_services is 1"));
     }
 }

@@ -24,6 +24,7 @@ pub fn service(name: &str, vip: SocketAddrV4, weights: &[u32]) -> ServiceConfig 
         on_backend_down: DownPolicy::Keep,
         snat_addresses: Vec::new(),
         snat_ports: crate::config::DEFAULT_SNAT_PORTS,
+        tunnel: crate::config::Tunnel::None,
         backends: weights.iter().enumerate().map(|(i, w)| BackendConfig::new(addr(i as u8 + 1), *w)).collect(),
     }
 }

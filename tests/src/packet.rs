@@ -113,9 +113,7 @@ impl Tcp {
 }
 
 fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum()
+    data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum()
 }
 
 fn finish(mut sum: u32) -> u16 {
@@ -283,4 +281,58 @@ pub fn quoted_tcp_checksum_is_right(quoted: &[u8]) -> bool {
     frame.extend_from_slice(quoted);
     let t = 14 + ip_header_len(&frame);
     u16::from_be_bytes([frame[t + 16], frame[t + 17]]) == tcp_checksum(&frame)
+}
+
+/// An IPIP packet's outer header, as a test checks it, and the frame it
+/// carries (the outer frame's Ethernet header on the inner packet).
+#[derive(Debug)]
+pub struct Tunnelled {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    /// The outer header's flags and fragment offset.
+    pub frags: u16,
+    pub dst_mac: [u8; 6],
+    pub inner: Vec<u8>,
+}
+
+/// Parses an IPIP frame, asserting that its outer header is plain (no
+/// options), its checksum equals a full recomputation, and its length is the
+/// inner packet's and its own.
+pub fn inspect_tunnelled(frame: &[u8]) -> Tunnelled {
+    assert_eq!(u16::from_be_bytes([frame[12], frame[13]]), 0x0800);
+    assert_eq!(frame[14], 0x45, "an outer header without options");
+    assert_eq!(frame[23], 4, "not IPIP");
+    assert_eq!(u16::from_be_bytes([frame[24], frame[25]]), ip_checksum(frame), "outer IPv4 checksum is wrong");
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    assert_eq!(14 + total, frame.len(), "the outer length covers the frame");
+    let inner_total = u16::from_be_bytes([frame[36], frame[37]]) as usize;
+    assert_eq!(total, 20 + inner_total, "the outer length is the inner one and 20");
+    let addr = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&frame[34..]);
+    Tunnelled {
+        src: addr(26),
+        dst: addr(30),
+        ttl: frame[22],
+        frags: u16::from_be_bytes([frame[20], frame[21]]),
+        dst_mac: frame[0..6].try_into().unwrap(),
+        inner,
+    }
+}
+
+/// `inner` (a frame) inside an IPIP header from `src` to `dst`, with a
+/// correct checksum.
+pub fn ipip(src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let total = 20 + inner.len() - 14;
+    let mut f = inner[..14].to_vec();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&(total as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&inner[14..]);
+    let c = ip_checksum(&f);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
 }

@@ -5,9 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb::{
-    reconcile::Balancer,
     config::{BackendConfig, Mode, Scheduler, ServiceConfig},
     datapath::{Datapath, Maps},
+    reconcile::Balancer,
 };
 
 use crate::{
@@ -76,6 +76,17 @@ pub fn balancer_full_nat(weights: &[u32], max_flows: u32, snat_ports: [u16; 2]) 
     balancer
 }
 
+/// The same service in DSR (`tunnel`), its backends on the VIP's port.
+pub fn balancer_dsr(weights: &[u32], tunnel: lb::config::Tunnel) -> Balancer {
+    let mut balancer = Balancer::new(Datapath::load(1024).expect("load the XDP program"));
+    let mut service = ServiceConfig { mode: Mode::Dsr, tunnel, ..service(weights, Scheduler::LeastConn) };
+    for b in &mut service.backends {
+        b.address.set_port(VIP.port());
+    }
+    balancer.add_service(&service).unwrap();
+    balancer
+}
+
 /// The routed host's address on the backends' network.
 pub const BALANCER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 
@@ -89,11 +100,8 @@ fn service(weights: &[u32], scheduler: Scheduler) -> ServiceConfig {
         on_backend_down: Default::default(),
         snat_addresses: Vec::new(),
         snat_ports: lb::config::DEFAULT_SNAT_PORTS,
-        backends: weights
-            .iter()
-            .enumerate()
-            .map(|(i, &weight)| BackendConfig::new(backend(i), weight))
-            .collect(),
+        tunnel: lb::config::Tunnel::None,
+        backends: weights.iter().enumerate().map(|(i, &weight)| BackendConfig::new(backend(i), weight)).collect(),
     }
 }
 
@@ -201,8 +209,12 @@ impl Conn {
     /// The client's SYN with `isn`; the backend is where it went.
     pub fn syn(b: &Balancer, port: u16, isn: u32) -> (u32, Option<Self>) {
         let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).seq(isn).frame());
-        let conn = (verdict == XDP_REDIRECT)
-            .then(|| Self { port, backend: inspect(&out).dst, client_seq: isn.wrapping_add(1), backend_seq: 0 });
+        let conn = (verdict == XDP_REDIRECT).then(|| Self {
+            port,
+            backend: inspect(&out).dst,
+            client_seq: isn.wrapping_add(1),
+            backend_seq: 0,
+        });
         (verdict, conn)
     }
 

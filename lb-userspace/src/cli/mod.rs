@@ -15,7 +15,7 @@ pub use self::render::{render_flows, render_spread, render_status, spread, Sprea
 use crate::{
     api::{Admin, FlowStatus},
     client::Client,
-    config::{seconds, BackendConfig, Config, Mode, Scheduler, ServiceConfig, DEFAULT_SOCKET, MAX_TIMEOUT},
+    config::{seconds, BackendConfig, Config, Mode, Scheduler, ServiceConfig, Tunnel, DEFAULT_SOCKET, MAX_TIMEOUT},
 };
 
 #[derive(Parser)]
@@ -108,6 +108,40 @@ enum Command {
     /// Print another balancer's configuration as an lb.toml.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// On a DSR backend of a `tunnel = "ipip"` service: take the
+    /// balancer's IPIP packets off their tunnel in XDP (for kernels without
+    /// the ipip module). Runs on the backend, not the balancer.
+    #[command(subcommand)]
+    Decap(DecapCommand),
+}
+
+#[derive(Subcommand)]
+enum DecapCommand {
+    /// Attach to an interface (or, attached already, set its VIPs). It stays
+    /// attached after this command exits.
+    Attach {
+        interface: String,
+        /// A VIP the backend holds on `lo` (repeat for several).
+        #[arg(long = "vip", required = true)]
+        vips: Vec<std::net::Ipv4Addr>,
+        /// Where its link and maps are pinned, a directory per interface.
+        #[arg(long, default_value = crate::datapath::decap::DEFAULT_DECAP_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Take it off an interface.
+    Detach {
+        interface: String,
+        #[arg(long, default_value = crate::datapath::decap::DEFAULT_DECAP_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Its VIPs and what it has done.
+    Status {
+        interface: String,
+        #[arg(long, default_value = crate::datapath::decap::DEFAULT_DECAP_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,10 +172,15 @@ enum ServiceCommand {
         /// How new flows choose a backend.
         #[arg(long, value_enum, default_value_t = Scheduler::LeastConn)]
         scheduler: Scheduler,
-        /// nat (the backends route through the balancer) or fullnat (they
-        /// need nothing: they see the balancer's address).
+        /// nat (the backends route through the balancer), fullnat (they
+        /// need nothing: they see the balancer's address) or dsr (they hold
+        /// the VIP and answer the clients directly).
         #[arg(long, value_enum, default_value_t = Mode::Nat)]
         mode: Mode,
+        /// DSR: none (backends on this host's segment) or ipip (backends
+        /// anywhere, decapsulating with `lb decap attach`).
+        #[arg(long, value_enum, default_value_t = Tunnel::None)]
+        tunnel: Tunnel,
     },
     /// Remove a service; its established flows finish undisturbed.
     Remove { name: String },
@@ -251,6 +290,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             trace(&client, service, from, rate, duration)
         }
+        Command::Decap(command) => decap(command),
         Command::Import(ImportCommand::Nginx { path, vip, interfaces }) => {
             let options = crate::import::nginx::Options { vip };
             let (text, warnings) = crate::import::nginx::import(&path, &options, &interfaces)?;
@@ -263,17 +303,20 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Service(ServiceCommand::Add { name, vip, scheduler, mode }) => client.add_service(ServiceConfig {
-            name,
-            vip,
-            scheduler,
-            mode,
-            snat_addresses: Vec::new(),
-            snat_ports: crate::config::DEFAULT_SNAT_PORTS,
-            health: None,
-            on_backend_down: Default::default(),
-            backends: Vec::new(),
-        }),
+        Command::Service(ServiceCommand::Add { name, vip, scheduler, mode, tunnel }) => {
+            client.add_service(ServiceConfig {
+                name,
+                vip,
+                scheduler,
+                mode,
+                snat_addresses: Vec::new(),
+                snat_ports: crate::config::DEFAULT_SNAT_PORTS,
+                tunnel,
+                health: None,
+                on_backend_down: Default::default(),
+                backends: Vec::new(),
+            })
+        }
         Command::Service(ServiceCommand::Remove { name }) => client.remove_service(name),
         Command::Backend(BackendCommand::Add {
             service,
@@ -285,8 +328,14 @@ pub fn run(cli: Cli) -> Result<()> {
             max_fails,
             fail_timeout,
         }) => {
-            let backend =
-                BackendConfig { backup, max_conns, slow_start, max_fails, fail_timeout, ..BackendConfig::new(address, weight) };
+            let backend = BackendConfig {
+                backup,
+                max_conns,
+                slow_start,
+                max_fails,
+                fail_timeout,
+                ..BackendConfig::new(address, weight)
+            };
             client.add_backend(service, backend)
         }
         Command::Backend(BackendCommand::Drain { service, address, wait, timeout }) => {
@@ -422,5 +471,41 @@ fn drain(client: &Client, service: String, address: SocketAddrV4, wait: bool, ti
         active = client.active_connections(&service, address)?;
     }
     println!("drained {address}: 0 active connections");
+    Ok(())
+}
+
+fn decap(command: DecapCommand) -> Result<()> {
+    use crate::datapath::decap::Decap;
+    match command {
+        DecapCommand::Attach { interface, vips, pin_dir } => {
+            let attached_now = Decap::new(&pin_dir, &interface)?.attach(&interface, &vips)?;
+            let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
+            let what = if attached_now { "attached to" } else { "already on" };
+            println!("decapsulation {what} {interface}, for VIPs {}", vips.join(", "));
+        }
+        DecapCommand::Detach { interface, pin_dir } => {
+            if Decap::new(&pin_dir, &interface)?.detach()? {
+                println!("decapsulation taken off {interface}");
+            } else {
+                println!("no decapsulation on {interface}");
+            }
+        }
+        DecapCommand::Status { interface, pin_dir, json } => {
+            let status = Decap::new(&pin_dir, &interface)?.status()?;
+            let vips: Vec<String> = status.vips.iter().map(|v| v.to_string()).collect();
+            if json {
+                let value = serde_json::json!({
+                    "interface": interface,
+                    "vips": vips,
+                    "decapsulated": status.decapsulated,
+                    "passed": status.passed,
+                });
+                println!("{value}");
+            } else {
+                println!("{interface}: VIPs {}", vips.join(", "));
+                println!("decapsulated {}  passed {}", status.decapsulated, status.passed);
+            }
+        }
+    }
     Ok(())
 }

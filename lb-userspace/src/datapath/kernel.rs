@@ -32,7 +32,7 @@ use super::{
 
 use crate::config::TimeoutConfig;
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
 pub struct Datapath {
     ebpf: Ebpf,
@@ -115,7 +115,7 @@ fn check_pinned_layout(paths: &[(&str, PathBuf)]) -> Result<()> {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
-fn raise_memlock_limit() {
+pub(super) fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }

@@ -2,6 +2,7 @@
 //! reconciliation writes through, implemented by the loaded program
 //! (`Datapath`) and, for tests without a kernel, in memory (`FakeMaps`).
 mod batch;
+pub mod decap;
 pub mod fake;
 mod kernel;
 mod pins;
@@ -10,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::Result;
 use lb_common::{
-    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Service, ServiceKey, TraceConfig, COUNTER_COUNT, DIR_FORWARD,
-    PROTO_TCP,
+    ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Service, ServiceKey, TraceConfig, COUNTER_COUNT,
+    DIR_FORWARD, PROTO_TCP,
 };
 
 pub use self::{fake::FakeMaps, kernel::Datapath, pins::Pins};

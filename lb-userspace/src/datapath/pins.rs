@@ -14,7 +14,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// Bump when a map's key or value layout changes: pinned maps of another
 /// layout are then left alone (an upgrade across it starts with an empty
 /// connection table) instead of being misread.
-const LAYOUT_VERSION: u32 = 7;
+const LAYOUT_VERSION: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct Pins {

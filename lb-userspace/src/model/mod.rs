@@ -128,6 +128,7 @@ impl Model {
 
     pub fn add_backend(&mut self, service: &str, backend: &BackendConfig, counts: Counts, now: Instant) -> Result<Placed> {
         backend.validate(service)?;
+        self.service(service)?.config().check_backend_port(backend)?;
         let id = self.service(service)?.id;
         let active = counts(id)?;
         let (slot, fresh) = self.service_mut(service)?.place(&active, backend, now)?;
@@ -156,6 +157,7 @@ impl Model {
                 let s = self.service_mut(&config.name)?;
                 s.scheduler = config.scheduler;
                 s.mode = config.mode;
+                s.tunnel = config.tunnel;
                 s.snat_addresses = config.snat_addresses.clone();
                 s.snat_ports = config.snat_ports;
                 s.health = config.health.clone();
@@ -201,6 +203,7 @@ impl Model {
                 mode: Mode::Nat,
                 snat_addresses: Vec::new(),
                 snat_ports: crate::config::DEFAULT_SNAT_PORTS,
+                tunnel: crate::config::Tunnel::None,
                 health: None,
                 on_down: DownPolicy::Keep,
                 id: *id,

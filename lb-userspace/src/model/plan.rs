@@ -53,7 +53,7 @@ pub fn plan(model: &Model, config: &Config) -> Vec<Step> {
             steps.push(Step::AddService(new.clone()));
             continue;
         };
-        if s.scheduler != new.scheduler || s.mode != new.mode || s.health != new.health || s.on_down != new.on_backend_down
+        if s.scheduler != new.scheduler || s.mode != new.mode || s.tunnel != new.tunnel || s.health != new.health || s.on_down != new.on_backend_down
         {
             steps.push(Step::Configure(new.clone()));
         }

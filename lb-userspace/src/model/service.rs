@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use lb_common::{established_count, Backend, BackendSet, BACKEND_ELIGIBLE, MAX_BACKENDS};
 
 use crate::{
-    config::{BackendConfig, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig},
+    config::{BackendConfig, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig, Tunnel},
     datapath::wire_addr,
     model::member::Member,
 };
@@ -27,6 +27,8 @@ pub struct Service {
     pub vip: SocketAddrV4,
     pub scheduler: Scheduler,
     pub mode: Mode,
+    /// DSR: how packets reach the backends.
+    pub tunnel: Tunnel,
     /// Full NAT: the configured source addresses (none: the agent's
     /// default) and ports.
     pub snat_addresses: Vec<std::net::Ipv4Addr>,
@@ -48,6 +50,7 @@ impl Service {
             vip: config.vip,
             scheduler: config.scheduler,
             mode: config.mode,
+            tunnel: config.tunnel,
             snat_addresses: config.snat_addresses.clone(),
             snat_ports: config.snat_ports,
             health: config.health.clone(),
@@ -63,6 +66,7 @@ impl Service {
         self.name = config.name.clone();
         self.scheduler = config.scheduler;
         self.mode = config.mode;
+        self.tunnel = config.tunnel;
         self.snat_addresses = config.snat_addresses.clone();
         self.snat_ports = config.snat_ports;
         self.health = config.health.clone();
@@ -78,12 +82,20 @@ impl Service {
             vip: self.vip,
             scheduler: self.scheduler,
             mode: self.mode,
+            tunnel: self.tunnel,
             snat_addresses: self.snat_addresses.clone(),
             snat_ports: self.snat_ports,
             health: self.health.clone(),
             on_backend_down: self.on_down,
             backends: self.configured().map(|m| m.config.clone()).collect(),
         }
+    }
+
+    /// Whether each backend's slot carries the address this host reaches it
+    /// from: full NAT's source without configured ones, DSR's tunnel source.
+    pub fn needs_source_addresses(&self) -> bool {
+        (self.mode == Mode::FullNat && self.snat_addresses.is_empty())
+            || (self.mode == Mode::Dsr && self.tunnel == Tunnel::Ipip)
     }
 
     pub fn members(&self) -> impl Iterator<Item = (usize, &Member)> {
@@ -185,7 +197,8 @@ impl Service {
                 .filter(|(_, m)| m.eligible && m.config.backup == backup)
                 .fold((0, 0), |(a, w), (i, m)| (a + count(i), w + m.config.weight as u64))
         };
-        let mut set = BackendSet { len: self.slots.len() as u32, scheduler: self.scheduler.wire(), ..Default::default() };
+        let mut set =
+            BackendSet { len: self.slots.len() as u32, scheduler: self.scheduler.wire(), ..Default::default() };
         for (i, m) in self.members() {
             let mut max_conns = m.config.max_conns;
             if let Some(ramp) = m.ramp(now).filter(|r| *r < 1.0) {

@@ -189,9 +189,15 @@ impl<M: Maps> Balancer<M> {
 
     /// An active check's result.
     pub fn record_check(&mut self, service: &str, address: SocketAddrV4, result: CheckResult) -> Result<()> {
-        let Ok(s) = self.model.service_mut(service) else { return Ok(()) };
-        let Some(health) = s.health.clone() else { return Ok(()) };
-        let Ok(m) = s.member_mut(address) else { return Ok(()) };
+        let Ok(s) = self.model.service_mut(service) else {
+            return Ok(());
+        };
+        let Some(health) = s.health.clone() else {
+            return Ok(());
+        };
+        let Ok(m) = s.member_mut(address) else {
+            return Ok(());
+        };
         if let Some(change) = m.health.record_check(result, health.rise, health.fall) {
             m.note_health(change, service);
             self.refresh()?;
@@ -264,13 +270,19 @@ impl<M: Maps> Balancer<M> {
         Ok(())
     }
 
-    /// What the data path is told of a service. In full NAT: its source
-    /// addresses (none configured: each backend has its own, see
+    /// What the data path is told of a service: its mode, and in full NAT
+    /// its source addresses (none configured: each backend has its own, see
     /// `fill_source_addresses`) and ports.
     fn service_value(&self, s: &crate::model::Service) -> lb_common::Service {
+        use crate::config::{Mode, Tunnel};
         let mut value = lb_common::Service { id: s.id, ..Default::default() };
-        if s.mode != crate::config::Mode::FullNat {
-            return value;
+        match (s.mode, s.tunnel) {
+            (Mode::Nat, _) => return value,
+            (Mode::Dsr, Tunnel::None) => return lb_common::Service { flags: lb_common::SERVICE_DSR, ..value },
+            (Mode::Dsr, Tunnel::Ipip) => {
+                return lb_common::Service { flags: lb_common::SERVICE_DSR | lb_common::SERVICE_IPIP, ..value }
+            }
+            (Mode::FullNat, _) => {}
         }
         value.flags = lb_common::SERVICE_FULLNAT;
         for (i, a) in s.snat_addresses.iter().take(lb_common::MAX_SNAT_ADDRS).enumerate() {
@@ -281,7 +293,8 @@ impl<M: Maps> Balancer<M> {
         value
     }
 
-    /// Full NAT without configured source addresses: each backend is
+    /// Full NAT without configured source addresses, and DSR's IPIP tunnel
+    /// (its outer source): each backend is
     /// reached from the address of the interface that reaches it, as the
     /// kernel's route says when the backend is first written (kept after,
     /// so that the route is not asked at every write).
@@ -309,12 +322,13 @@ impl<M: Maps> Balancer<M> {
         for s in &self.model.services {
             let active = self.datapath.active_counts(s.id)?;
             let mut set = s.backend_set(&active.active, now);
-            if s.mode == crate::config::Mode::FullNat && s.snat_addresses.is_empty() {
+            if s.needs_source_addresses() {
                 self.fill_source_addresses(s.id, &mut set);
             }
-            let same = self.written.get(&s.id).is_some_and(|w| {
-                w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots
-            });
+            let same = self
+                .written
+                .get(&s.id)
+                .is_some_and(|w| w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots);
             if !same {
                 self.datapath.set_backends(s.id, &set)?;
                 self.written.insert(s.id, Box::new(set));

@@ -378,6 +378,7 @@ fn a_data_path_sized_for_two_services_refuses_a_third_and_says_why() {
             on_backend_down: Default::default(),
             snat_addresses: Vec::new(),
             snat_ports: lb::config::DEFAULT_SNAT_PORTS,
+            tunnel: lb::config::Tunnel::None,
             backends: vec![lb::config::BackendConfig::new(backend(0), 1)],
         };
         b.add_service(&service(1)).unwrap();

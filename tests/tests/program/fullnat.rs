@@ -188,6 +188,7 @@ fn each_backend_sees_the_address_of_the_interface_that_reaches_it() {
             on_backend_down: Default::default(),
             snat_addresses: Vec::new(),
             snat_ports: lb::config::DEFAULT_SNAT_PORTS,
+            tunnel: lb::config::Tunnel::None,
             backends: vec![lb::config::BackendConfig::new(backend(0), 1), lb::config::BackendConfig::new(other, 1)],
         };
         b.add_service(&service).unwrap();

@@ -60,6 +60,14 @@ fn an_rst_in_the_window_but_not_exact_reaches_the_endpoint_and_changes_nothing()
         let near = conn.backend_segment(RST | ACK, b"").seq(conn.backend_seq.wrapping_add(5));
         assert_eq!(run(b, &near.frame()).0, XDP_REDIRECT);
         assert_eq!(active(b), vec![1]);
+        // The same guess again is no more exact than the first time: an RST
+        // teaches the flow nothing.
+        let near = conn.client_segment(RST, b"").seq(conn.client_seq.wrapping_add(1000));
+        assert_eq!(run(b, &near.frame()).0, XDP_REDIRECT);
+        let near = conn.backend_segment(RST | ACK, b"").seq(conn.backend_seq.wrapping_add(5));
+        assert_eq!(run(b, &near.frame()).0, XDP_REDIRECT);
+        assert_eq!(active(b), vec![1], "two guesses alike close nothing");
+        assert_eq!(counter(b, Counter::RstInWindow), 4);
     });
 }
 
@@ -121,8 +129,10 @@ fn the_window_scale_of_the_handshake_widens_the_window() {
         // The backend offers 1,000 × 2^7 bytes.
         let ack = Tcp::new(client(60006), VIP, ACK).seq(ISN.wrapping_add(1)).ack(BACKEND_ISN.wrapping_add(1));
         assert_eq!(run(b, &ack.frame()).0, XDP_REDIRECT);
-        let backend_ack =
-            Tcp::new(backend, client(60006), ACK).seq(BACKEND_ISN.wrapping_add(1)).ack(ISN.wrapping_add(1)).window(1000);
+        let backend_ack = Tcp::new(backend, client(60006), ACK)
+            .seq(BACKEND_ISN.wrapping_add(1))
+            .ack(ISN.wrapping_add(1))
+            .window(1000);
         assert_eq!(run(b, &backend_ack.frame()).0, XDP_REDIRECT);
         let rst_at = |offset: u32| Tcp::new(client(60006), VIP, RST).seq(ISN.wrapping_add(1).wrapping_add(offset));
         assert_eq!(run(b, &rst_at(100_000).frame()).0, XDP_REDIRECT, "within 128,000");
@@ -141,7 +151,8 @@ fn a_half_open_flow_is_not_established_and_stray_segments_cannot_make_it_so() {
         // from the backend but its SYN-ACK or refusal acknowledging the SYN.
         let stray_ack = Tcp::new(client(60010), VIP, ACK).seq(ISN.wrapping_add(1)).ack(12345);
         assert_eq!(run(b, &stray_ack.frame()).0, XDP_DROP);
-        let stray_reply = Tcp::new(conn.backend, client(60010), ACK | PSH).seq(5).ack(ISN.wrapping_add(1)).payload(b"x");
+        let stray_reply =
+            Tcp::new(conn.backend, client(60010), ACK | PSH).seq(5).ack(ISN.wrapping_add(1)).payload(b"x");
         assert_eq!(run(b, &stray_reply.frame()).0, XDP_DROP);
         let forged_answer = Tcp::new(conn.backend, client(60010), SYN | ACK).seq(5).ack(ISN.wrapping_add(99));
         assert_eq!(run(b, &forged_answer.frame()).0, XDP_DROP);
@@ -191,7 +202,8 @@ fn stray_segments_far_from_the_connections_numbers_are_dropped_and_teach_nothing
         let mut conn = established(b, 60025);
         // An earlier connection's segment on these ports: its numbers are
         // nowhere near this one's.
-        let stray = conn.client_segment(ACK, b"").seq(conn.client_seq ^ 0x8000_0000).ack(conn.backend_seq ^ 0x4000_0000);
+        let stray =
+            conn.client_segment(ACK, b"").seq(conn.client_seq ^ 0x8000_0000).ack(conn.backend_seq ^ 0x4000_0000);
         assert_eq!(run(b, &stray.frame()).0, XDP_DROP);
         let stray = conn.backend_segment(ACK | PSH, b"old").ack(conn.client_seq.wrapping_add(0x2000_0000));
         assert_eq!(run(b, &stray.frame()).0, XDP_DROP);
@@ -230,6 +242,7 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
             on_backend_down: Default::default(),
             snat_addresses: Vec::new(),
             snat_ports: lb::config::DEFAULT_SNAT_PORTS,
+            tunnel: lb::config::Tunnel::None,
             backends: vec![BackendConfig::new(shared, 1)],
         })
         .unwrap();

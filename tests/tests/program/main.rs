@@ -1,6 +1,7 @@
 //! The XDP program on crafted packets through BPF_PROG_TEST_RUN, one module
 //! per feature; shared set-up in `lb_tests::routed` and `lb_tests::packet`.
 mod datapath;
+mod dsr;
 mod failover;
 mod fullnat;
 mod hostile;

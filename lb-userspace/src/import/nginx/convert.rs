@@ -125,6 +125,7 @@ pub fn convert(tree: &[Directive], options: &Options) -> Imported {
                 on_backend_down: Default::default(),
                 snat_addresses: Vec::new(),
                 snat_ports: crate::config::DEFAULT_SNAT_PORTS,
+                tunnel: crate::config::Tunnel::None,
                 backends: backends.clone(),
             });
         }
