@@ -122,6 +122,49 @@ impl Lab {
         }
     }
 
+    /// DSR backends, set up as README's "Backends for DSR" says: the VIP on
+    /// `lo`, ARP for it neither answered nor announced on the network, and
+    /// reverse-path filtering loose (a tunnelled packet comes in on an
+    /// interface that has no route to its client). With `tunnel`, `lb decap
+    /// attach` on each backend's interface, pinned under this lab's pins.
+    pub fn dsr_backends(&self, tunnel: bool) {
+        for (i, ns) in self.backends.iter().enumerate() {
+            ns.exec(&format!(
+                "ip addr add {}/32 dev lo \
+                 && sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                 net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.eth0.rp_filter=2",
+                VIP.ip()
+            ));
+            if tunnel {
+                let pins = self.pin_dir().join(format!("decap-b{}", i + 1));
+                let out = Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{}", ns.name))
+                    .arg(lb_binary())
+                    .args(["decap", "attach", "eth0", "--vip", &VIP.ip().to_string(), "--pin-dir"])
+                    .arg(&pins)
+                    .output()
+                    .expect("run lb decap attach");
+                assert!(out.status.success(), "lb decap attach: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+
+    /// Echo servers on port 80 of every address of every backend (the VIP
+    /// a DSR backend holds, and its own for health checks), named b1, b2, ...
+    pub fn start_servers_on_all_addresses(&self) -> Vec<EchoServer> {
+        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, VIP.port());
+        self.backends.iter().enumerate().map(|(i, ns)| EchoServer::start(ns, any, &format!("b{}", i + 1))).collect()
+    }
+
+    /// The same as processes (`lb-echo`, HTTP health on 81), which a test
+    /// can kill.
+    pub fn start_processes_on_all_addresses(&self) -> Vec<EchoProcess> {
+        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, VIP.port());
+        (0..self.backends.len())
+            .map(|i| EchoProcess::start(&self.backends[i], any, &format!("b{}", i + 1), &self.unhealthy_flag(i)))
+            .collect()
+    }
+
     /// An echo server on port 80 of every backend, named b1, b2, ...
     pub fn start_servers(&self) -> Vec<EchoServer> {
         self.backends

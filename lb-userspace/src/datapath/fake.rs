@@ -37,6 +37,9 @@ pub struct FakeMaps {
     pub service_values: BTreeMap<SocketAddrV4, Service>,
     /// What `source_address` answers.
     pub route_source: Option<Ipv4Addr>,
+    /// The backends whose neighbour entries the agent asked to keep
+    /// resolved.
+    pub neighbours_kept: Vec<Ipv4Addr>,
 }
 
 impl FakeMaps {
@@ -57,6 +60,7 @@ impl FakeMaps {
             trace_lines: Vec::new(),
             service_values: BTreeMap::new(),
             route_source: Some(Ipv4Addr::new(198, 19, 0, 1)),
+            neighbours_kept: Vec::new(),
         }
     }
 
@@ -96,6 +100,11 @@ impl super::Maps for FakeMaps {
 
     fn source_address(&self, _to: Ipv4Addr) -> Option<Ipv4Addr> {
         self.route_source
+    }
+
+    fn keep_neighbour_resolved(&mut self, backend: Ipv4Addr) -> Result<bool> {
+        self.neighbours_kept.push(backend);
+        Ok(true)
     }
 
     fn remove_service(&mut self, vip: SocketAddrV4) -> Result<()> {

@@ -386,6 +386,14 @@ impl Maps for Datapath {
         super::route_source(to)
     }
 
+    fn keep_neighbour_resolved(&mut self, backend: std::net::Ipv4Addr) -> Result<bool> {
+        let Some(ifindex) = super::neighbours::on_link_interface(backend) else {
+            return Ok(false);
+        };
+        super::neighbours::keep_resolved(backend, ifindex)?;
+        Ok(true)
+    }
+
     fn remove_service(&mut self, vip: SocketAddrV4) -> Result<()> {
         self.services.remove(&service_key(vip))?;
         Ok(())

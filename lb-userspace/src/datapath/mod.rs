@@ -3,6 +3,7 @@
 //! (`Datapath`) and, for tests without a kernel, in memory (`FakeMaps`).
 mod batch;
 pub mod decap;
+mod neighbours;
 pub mod fake;
 mod kernel;
 mod pins;
@@ -60,6 +61,9 @@ pub trait Maps {
     /// The address this host sends from to reach `to` (its route's source),
     /// if it has a route.
     fn source_address(&self, to: Ipv4Addr) -> Option<Ipv4Addr>;
+    /// Keeps the MAC address of `backend` (a DSR backend) resolved, if it
+    /// is on one of this host's links; says whether it is.
+    fn keep_neighbour_resolved(&mut self, backend: Ipv4Addr) -> Result<bool>;
 
     /// Tells the data path what `lb trace` wants logged (`on` 0: nothing).
     fn set_trace(&mut self, config: TraceConfig) -> Result<()>;

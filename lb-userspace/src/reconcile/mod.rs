@@ -10,7 +10,7 @@ mod status;
 pub mod trace;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddrV4,
     time::{Duration, Instant},
 };
@@ -35,6 +35,8 @@ pub struct Balancer<M: Maps = Datapath> {
     written: HashMap<u32, Box<BackendSet>>,
     /// The services last written: VIP → id.
     written_vips: BTreeMap<SocketAddrV4, lb_common::Service>,
+    /// DSR backends whose neighbour entries were asked to be kept resolved.
+    neighbours_kept: HashSet<std::net::Ipv4Addr>,
     /// Idle flows the agent has removed, for the metrics.
     pub expired_total: u64,
     /// Flows in the table at the last aging scan.
@@ -50,6 +52,7 @@ impl<M: Maps> Balancer<M> {
             model: Model::default(),
             written: HashMap::new(),
             written_vips: BTreeMap::new(),
+            neighbours_kept: Default::default(),
             expired_total: 0,
             flows_seen: 0,
             counted_by_aging: false,
@@ -330,6 +333,9 @@ impl<M: Maps> Balancer<M> {
                 .get(&s.id)
                 .is_some_and(|w| w.len == set.len && w.scheduler == set.scheduler && w.slots == set.slots);
             if !same {
+                if s.mode == crate::config::Mode::Dsr {
+                    keep_neighbours_resolved(&mut self.datapath, &mut self.neighbours_kept, &set);
+                }
                 self.datapath.set_backends(s.id, &set)?;
                 self.written.insert(s.id, Box::new(set));
             }
@@ -414,6 +420,25 @@ impl<M: Maps> Balancer<M> {
             }
         }
         Ok((checked, differing))
+    }
+}
+
+/// DSR packets go to a backend's MAC address, which the data path takes from
+/// the kernel's neighbour table: the on-link backends of `set` are kept
+/// resolved there (`Maps::keep_neighbour_resolved`), once each.
+fn keep_neighbours_resolved<M: Maps>(datapath: &mut M, kept: &mut HashSet<std::net::Ipv4Addr>, set: &BackendSet) {
+    for slot in &set.slots[..set.len.min(lb_common::MAX_BACKENDS) as usize] {
+        let addr = crate::datapath::host_addr(slot.addr);
+        if slot.addr == 0 || !kept.insert(addr) {
+            continue;
+        }
+        if let Err(e) = datapath.keep_neighbour_resolved(addr) {
+            tracing::warn!(
+                backend = %addr,
+                "{e:#}; DSR packets to it are dropped until the host resolves its MAC address otherwise \
+                 (health checks do)"
+            );
+        }
     }
 }
 

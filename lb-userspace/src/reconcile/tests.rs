@@ -250,3 +250,27 @@ fn the_status_names_every_counter_and_flow_state() {
     b.datapath.flows = vec![(FlowKey::default(), flow)];
     assert_eq!(serde_json::to_value(b.conntrack()).unwrap()[0]["state"], "syn_sent");
 }
+
+#[test]
+fn a_dsr_service_is_written_with_its_tunnel_and_its_backends_neighbours_kept_resolved_once() {
+    use crate::config::{Mode, Tunnel};
+    let mut b = Balancer::new(FakeMaps::new(4));
+    let mut config = service("web", vip(0), &[1, 1]);
+    config.mode = Mode::Dsr;
+    config.tunnel = Tunnel::Ipip;
+    b.add_service(&config).unwrap();
+    let value = b.datapath.service_values[&vip(0)];
+    assert_eq!(value.flags, lb_common::SERVICE_DSR | lb_common::SERVICE_IPIP);
+    // The tunnel's source: the host's address towards each backend.
+    let set = b.datapath.backend_set(0).unwrap();
+    assert!(set.slots[..2].iter().all(|s| s.snat_addr == crate::datapath::wire_addr(std::net::Ipv4Addr::new(198, 19, 0, 1))));
+    assert_eq!(b.datapath.neighbours_kept, [*addr(1).ip(), *addr(2).ip()]);
+    // A third backend: only it is asked for.
+    b.add_backend("web", &BackendConfig::new(addr(3), 1)).unwrap();
+    assert_eq!(b.datapath.neighbours_kept, [*addr(1).ip(), *addr(2).ip(), *addr(3).ip()]);
+    // A backend on another port cannot take DSR's packets: refused, nothing written.
+    let writes = b.datapath.writes;
+    let err = b.add_backend("web", &BackendConfig::new(std::net::SocketAddrV4::new(*addr(4).ip(), 8080), 1)).unwrap_err();
+    assert!(format!("{err:#}").contains("port 80"), "{err:#}");
+    assert_eq!(b.datapath.writes, writes);
+}

@@ -5,6 +5,7 @@ mod aging;
 mod balancing;
 mod cli;
 mod dashboard;
+mod dsr;
 mod failover;
 mod faults;
 mod forwarding;
