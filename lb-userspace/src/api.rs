@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendConfig, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig};
+use crate::config::{BackendConfig, DownPolicy, HealthConfig, Mode, Scheduler, ServiceConfig, Tunnel};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -140,6 +140,9 @@ pub struct ServiceStatus {
     pub vip: String,
     pub scheduler: Scheduler,
     pub mode: Mode,
+    /// DSR: how packets reach the backends.
+    #[serde(default)]
+    pub tunnel: Tunnel,
     pub on_backend_down: DownPolicy,
     pub health_check: Option<HealthConfig>,
     pub active_connections: u64,

@@ -68,8 +68,15 @@ pub fn render_status(status: &Status) -> String {
     for s in &status.services {
         let _ = writeln!(
             out,
-            "service {}  {}  {}/{}  active {}  half-open {}  total {}",
-            s.name, s.vip, s.scheduler, s.mode, s.active_connections, s.half_open_connections, s.total_connections
+            "service {}  {}  {}/{}{}  active {}  half-open {}  total {}",
+            s.name,
+            s.vip,
+            s.scheduler,
+            s.mode,
+            if s.tunnel == crate::config::Tunnel::None { String::new() } else { format!(" over {}", s.tunnel) },
+            s.active_connections,
+            s.half_open_connections,
+            s.total_connections
         );
         let _ = writeln!(
             out,

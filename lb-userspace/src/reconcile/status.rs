@@ -56,6 +56,7 @@ impl<M: Maps> Balancer<M> {
                 vip: s.vip.to_string(),
                 scheduler: s.scheduler,
                 mode: s.mode,
+                tunnel: s.tunnel,
                 on_backend_down: s.on_down,
                 health_check: s.health.clone(),
                 active_connections: backends.iter().map(|b| b.active_connections).sum(),

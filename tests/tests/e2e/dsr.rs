@@ -69,6 +69,10 @@ fn balances_with_direct_replies(tunnel: &str) {
     assert_eq!(spread.len(), 3, "{spread:?}");
     assert!(spread.values().all(|&n| n >= 10), "{spread:?}");
 
+    let shown = agent.cli(&["status"]).unwrap();
+    let mode = if tunnel == "ipip" { "least_conn/dsr over ipip " } else { "least_conn/dsr " };
+    assert!(shown.contains(mode), "{shown}");
+
     let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
     assert_eq!(counts(&agent), [2, 2, 2]);
     assert_eq!(truth(&lab), [2, 2, 2]);
