@@ -127,7 +127,8 @@ pub const fn seq_after(a: u32, b: u32) -> bool {
 }
 
 /// One direction of a tracked flow. Each flow has two entries in the table,
-/// so that a packet of either direction is found with one lookup.
+/// so that a packet of either direction is found with one lookup; a DSR
+/// flow, whose replies never pass the balancer, has its forward one only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Flow {

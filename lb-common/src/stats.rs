@@ -109,7 +109,8 @@ counters! {
     /// exceeded instead of a forwarded TTL 0.
     IcmpTimeExceededSent = "icmp_time_exceeded_sent",
     /// ICMP errors about a tracked flow (unreachable, fragmentation needed,
-    /// time exceeded), translated and sent on to the flow's other side.
+    /// time exceeded), translated and sent on to the flow's other side (in
+    /// DSR, about a backend's reply: sent on to that backend as they came).
     IcmpTranslated = "icmp_translated",
     /// A packet of a flow too big for its next hop, without DF: the kernel
     /// fragments it.

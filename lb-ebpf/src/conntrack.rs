@@ -24,6 +24,12 @@
 //!   and the client's ACK the SYN-ACK. Anything else on those ports — a
 //!   stray segment of an earlier connection, a forged answer — is dropped.
 //!
+//! A DSR flow has its forward entry only (the backend answers the client
+//! directly), and is followed on the client's segments alone: its
+//! handshake completes with the client's ACK right after the SYN, and its
+//! RSTs and FINs are judged against what the client has sent
+//! (`judge_client_close`).
+//!
 //! A SYN that finds the table full makes room from this CPU's ring of
 //! recent openings, oldest first (`make_room`).
 //!

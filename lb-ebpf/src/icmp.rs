@@ -3,7 +3,9 @@
 //! with the ICMP error a router would send, quoting the packet as its sender
 //! sent it, so the sender's TCP finds its connection; ICMP errors that others
 //! send about a flow's packets are translated back (addresses, ports and
-//! checksums, outer and inner) and sent on to the flow's other side.
+//! checksums, outer and inner) and sent on to the flow's other side. In DSR
+//! the backend's replies never pass here, but errors about them come to the
+//! VIP: they go on to the backend unchanged (`to_dsr_backend`).
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},

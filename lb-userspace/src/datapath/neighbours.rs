@@ -13,7 +13,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -49,7 +49,10 @@ pub fn on_link_interface(addr: Ipv4Addr) -> Option<u32> {
 }
 
 /// Asks the kernel to keep `addr`'s neighbour entry on interface `ifindex`
-/// resolved (a managed entry, replacing any it has).
+/// resolved: makes it a managed entry, keeping the MAC address and state it
+/// has if it is resolved already (so no packet finds it missing meanwhile).
+/// A static entry (permanent, or a link without ARP) is left as it is:
+/// there is nothing to resolve.
 pub fn keep_resolved(addr: Ipv4Addr, ifindex: u32) -> Result<()> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     socket.bind_auto().context("binding the netlink socket")?;
@@ -58,22 +61,47 @@ pub fn keep_resolved(addr: Ipv4Addr, ifindex: u32) -> Result<()> {
     message.header.family = AddressFamily::Inet;
     message.header.ifindex = ifindex;
     message.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)));
+
+    let current = request(&mut socket, RouteNetlinkMessage::GetNeighbour(message.clone()), NLM_F_REQUEST);
+    if let Ok(Some(found)) = &current {
+        match found.header.state {
+            NeighbourState::Permanent | NeighbourState::Noarp => return Ok(()),
+            NeighbourState::Reachable | NeighbourState::Stale | NeighbourState::Delay | NeighbourState::Probe => {
+                if let Some(mac) = found.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(mac) => Some(mac.clone()),
+                    _ => None,
+                }) {
+                    message.header.state = found.header.state;
+                    message.attributes.push(NeighbourAttribute::LinkLayerAddress(mac));
+                }
+            }
+            _ => {}
+        }
+    }
     message.attributes.push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    request(&mut socket, RouteNetlinkMessage::NewNeighbour(message), flags).map_err(|e| {
+        anyhow::anyhow!("the kernel refused a managed neighbour entry for {addr} (Linux 5.16 or later has them): {e}")
+    })?;
+    Ok(())
+}
+
+/// Sends one request and reads its answer: the neighbour it carries, if any.
+fn request(socket: &mut Socket, payload: RouteNetlinkMessage, flags: u16) -> Result<Option<NeighbourMessage>> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::NewNeighbour(message)));
+    header.flags = flags;
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(payload));
     request.finalize();
     let mut buf = vec![0; request.header.length as usize];
     request.serialize(&mut buf[..]);
-    socket.send(&buf, 0).context("sending the neighbour request")?;
+    socket.send(&buf, 0).context("sending a netlink request")?;
     let mut answer = vec![0; 4096];
     let size = socket.recv(&mut &mut answer[..], 0).context("reading the kernel's answer")?;
     let reply: NetlinkMessage<RouteNetlinkMessage> =
         NetlinkMessage::deserialize(&answer[..size]).context("reading the kernel's answer")?;
     match reply.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => {
-            bail!("the kernel refused a managed neighbour entry for {addr} (Linux 5.16 or later has them): {}", e.to_io())
-        }
-        _ => Ok(()),
+        NetlinkPayload::Error(e) if e.code.is_some() => bail!("{}", e.to_io()),
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(found)) => Ok(Some(found)),
+        _ => Ok(None),
     }
 }

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::Result;
 use lb_common::{
-    flow_last_active, flow_timeout, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, FLOW_RESET, MODE_FULLNAT,
+    flow_last_active, flow_timeout, Counter, Flow, FlowKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, FLOW_RESET,
+    MODE_FULLNAT,
 };
 
 use crate::{
@@ -17,8 +18,9 @@ use crate::{
     reconcile::Balancer,
 };
 
-/// Above this share of the connection table in use, half-open flows are
-/// aged after `PRESSURE_SYN_TIMEOUT_NS`.
+/// Above this share of the connection table in use, or while full-NAT SYNs
+/// find no free source port, half-open flows are aged after
+/// `PRESSURE_SYN_TIMEOUT_NS`.
 const PRESSURE: f64 = 0.9;
 const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
 /// Every this many aging scans, also look for leftover reply entries.
@@ -31,12 +33,14 @@ pub struct Aging {
     next_scan: Instant,
     scans: u64,
     pressure_warned: Option<Instant>,
+    /// `snat_ports_exhausted` at the last scan.
+    ports_exhausted: u64,
 }
 
 impl Aging {
     /// `timeouts` in nanoseconds.
     pub fn new(timeouts: Timeouts) -> Self {
-        Self { timeouts, next_scan: Instant::now(), scans: 0, pressure_warned: None }
+        Self { timeouts, next_scan: Instant::now(), scans: 0, pressure_warned: None, ports_exhausted: 0 }
     }
 
     /// One aging tick: a scan unless the last one was too recent, then
@@ -46,16 +50,24 @@ impl Aging {
             return;
         }
         let occupancy = b.flows_seen as f64 / b.datapath.max_flows() as f64;
+        // Full NAT's source ports run out before the table does: a flood
+        // from random sources takes one a flow. Its flows must not hold them
+        // for the whole `syn` timeout, or no real client gets one meanwhile.
+        let exhausted = b.datapath.counters().map_or(0, |c| c[Counter::SnatPortsExhausted as usize]);
+        let ports_scarce = exhausted > self.ports_exhausted;
+        self.ports_exhausted = exhausted;
         let mut t = self.timeouts;
-        if occupancy > PRESSURE {
+        if occupancy > PRESSURE || ports_scarce {
             // Half-open flows (a SYN flood, say) go first, so that
             // established ones never have to make room.
             t.syn = t.syn.min(PRESSURE_SYN_TIMEOUT_NS);
             if self.pressure_warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
                 tracing::warn!(
                     occupancy = format!("{:.0}%", occupancy * 100.0),
-                    "connection table under pressure: half-open flows now expire after 2 s; \
-                     new flows are dropped (and counted as table_full) when it is full"
+                    ports_scarce,
+                    "connection table or full-NAT source ports under pressure: half-open flows now expire \
+                     after 2 s; new flows are dropped (and counted as table_full or snat_ports_exhausted) \
+                     when none is left"
                 );
                 self.pressure_warned = Some(Instant::now());
             }

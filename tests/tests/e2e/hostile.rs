@@ -132,3 +132,54 @@ fn a_spoofed_syn_flood_keeps_no_real_client_out_and_leaves_nothing_behind() {
         assert_eq!(h.round_trip(b"untouched").unwrap(), b"untouched");
     }
 }
+
+/// Full NAT gives each flow a port of the balancer's towards its backend,
+/// so a flood from random sources runs out the ports, 1,000 a backend here,
+/// long before the table. While SYNs find none free, the agent ages
+/// half-open flows after 2 s instead of `syn` (10 s by default). Without
+/// that every port would stay with the flood until 10 s after it, and no
+/// real client could connect until then.
+#[test]
+fn a_spoofed_syn_flood_in_full_nat_holds_the_balancers_ports_for_2_seconds_not_the_syn_timeout() {
+    let _serial = lb_tests::serial();
+    let lab = lb_tests::lab::Lab::new(4);
+    let _servers = lab.start_servers();
+    let config = lab
+        .config(&[1, 1, 1, 1], "aging_interval_ms = 200\n")
+        .replace("mode = \"nat\"", "mode = \"fullnat\"\nsnat_ports = [20000, 20999]");
+    let agent = lab.start_agent(&config);
+    let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+
+    let mut flood = lab
+        .client
+        .command("timeout")
+        .args(["4", "hping3", "--flood", "--rand-source", "-S", "-p", "80", &VIP.ip().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)");
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = agent.status();
+    let flood_status = flood.wait().unwrap();
+    assert!(flood_status.code() == Some(124) || flood_status.success(), "hping3 ran: {flood_status}");
+    let exhausted = during["counters"]["snat_ports_exhausted"].as_u64().unwrap();
+    eprintln!(
+        "full NAT flood: {} flows opened in 1.5 s, {exhausted} SYNs found no port",
+        during["counters"]["new_flows"]
+    );
+    assert!(exhausted > 0, "the flood took every port: {}", during["counters"]);
+
+    // Right after it, while its flows are far from their 10 s timeout, real
+    // clients get the ports as the agent lets the flood's go.
+    let after_flood = Instant::now();
+    for i in 0..10 {
+        let h = connect_with(&lab.client, VIP, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("client {i}, {:?} after the flood: {e}", after_flood.elapsed()));
+        assert_eq!(h.round_trip(b"in").unwrap(), b"in");
+        h.close().unwrap();
+    }
+    for h in &held {
+        assert_eq!(h.round_trip(b"untouched").unwrap(), b"untouched");
+    }
+    assert_eq!(connections(&agent).0, 4, "the held connections, still counted");
+}

@@ -1,5 +1,5 @@
-//! End to end, six ways in one run: the same lab and load (wrk) through this
-//! balancer (nat and full NAT), nginx stream, HAProxy, nftables DNAT, and
+//! End to end, seven ways in one run: the same lab and load (wrk) through this
+//! balancer (nat, full NAT and DSR), nginx stream, HAProxy, nftables DNAT, and
 //! plain forwarding.
 use std::{
     fmt::Write as _,
@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::lab::{backend_addr, Lab, LB_CLIENT_SIDE, VIP};
+use lb_tests::{
+    lab::{backend_addr, Lab, LB_CLIENT_SIDE, VIP},
+    netns::sh,
+};
 
 use crate::targets::Check;
 
@@ -17,13 +20,13 @@ const DURATION: &str = "5s";
 const CONCURRENCY: [u32; 3] = [16, 64, 256];
 const MAIN_CONCURRENCY: u32 = 64;
 /// The main measurements run this many times by default (`--rounds`), the
-/// five ways in turn each round, and are reported as medians: one run of a
+/// ways in turn each round, and are reported as medians: one run of a
 /// way on these shared machines moves by 15 % or more.
 const ROUNDS: usize = 3;
 
 /// How the lab is laid out on the machine: `lb-bench e2e [--queues N]
 /// [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N]
-/// [--ways lb,fullnat,nginx,haproxy,nft,plain]`. Queues give
+/// [--ways lb,fullnat,dsr,nginx,haproxy,nft,plain]`. Queues give
 /// every veth that many queues (a NIC with RSS); the CPU sets pin wrk (one
 /// thread per CPU), the proxies on the balancer host (one worker per CPU)
 /// and the backends' nginx with `taskset`.
@@ -35,7 +38,7 @@ pub struct Setup {
     pub rounds: usize,
     /// wrk's `-c` for the main keep-alive and new-connection runs.
     pub connections: u32,
-    /// The ways to run (`--ways lb,fullnat,nginx,haproxy,nft,plain`, all by
+    /// The ways to run (`--ways lb,fullnat,dsr,nginx,haproxy,nft,plain`, all by
     /// default); ratios to a way left out are blank.
     pub ways: Vec<Way>,
     /// `--pin-napi` (with all three `--cpus`): each host's receive queues
@@ -60,7 +63,7 @@ impl Setup {
                 "--ways" => {
                     setup.ways = value()?
                         .split(',')
-                        .map(|w| Way::ALL.into_iter().find(|way| way.option() == w).ok_or(format!("--ways: {w:?} is not one of lb, fullnat, nginx, haproxy, nft, plain")))
+                        .map(|w| Way::ALL.into_iter().find(|way| way.option() == w).ok_or(format!("--ways: {w:?} is not one of lb, fullnat, dsr, nginx, haproxy, nft, plain")))
                         .collect::<Result<_, _>>()?
                 }
                 "--cpus" => {
@@ -152,6 +155,7 @@ fn iperf3(lab: &Lab, target: SocketAddrV4) -> f64 {
 pub enum Way {
     Xdp,
     XdpFullNat,
+    XdpDsr,
     NginxStream,
     Haproxy,
     NftDnat,
@@ -159,13 +163,15 @@ pub enum Way {
 }
 
 impl Way {
-    const ALL: [Way; 6] = [Way::Xdp, Way::XdpFullNat, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
+    const ALL: [Way; 7] =
+        [Way::Xdp, Way::XdpFullNat, Way::XdpDsr, Way::NginxStream, Way::Haproxy, Way::NftDnat, Way::Plain];
 
     /// The way's name in `--ways`.
     fn option(self) -> &'static str {
         match self {
             Way::Xdp => "lb",
             Way::XdpFullNat => "fullnat",
+            Way::XdpDsr => "dsr",
             Way::NginxStream => "nginx",
             Way::Haproxy => "haproxy",
             Way::NftDnat => "nft",
@@ -177,6 +183,7 @@ impl Way {
         match self {
             Way::Xdp => "lb (XDP)",
             Way::XdpFullNat => "lb (XDP), fullnat",
+            Way::XdpDsr => "lb (XDP), dsr",
             Way::NginxStream => "nginx stream",
             Way::Haproxy => "HAProxy",
             Way::NftDnat => "nftables dnat",
@@ -303,9 +310,9 @@ impl Backends {
                      events {{ worker_connections 16384; }}\n\
                      http {{ access_log off; keepalive_requests 1000000;\n\
                        client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
-                       server {{ listen {addr} backlog=4096; location / {{ return 200 \"b{n}\\n\"; }} }} }}\n",
+                       server {{ listen {port} backlog=4096; location / {{ return 200 \"b{n}\\n\"; }} }} }}\n",
                     dir = dir.display(),
-                    addr = backend_addr(i),
+                    port = backend_addr(i).port(),
                     n = i + 1
                 );
                 std::fs::write(dir.join("nginx.conf"), conf).unwrap();
@@ -527,6 +534,22 @@ fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()
                 counted
             }))
         }
+        Way::XdpDsr => {
+            let return_path = DsrReturnPath::of(lab);
+            return_path.add();
+            let config = lab.config(&[1, 1, 1], "").replace("mode = \"nat\"", "mode = \"dsr\"");
+            let agent = lab.start_agent(&config);
+            AGENT_PID.store(agent.pid(), std::sync::atomic::Ordering::Relaxed);
+            agent.cli(&["service", "add", "bulk", &bulk(VIP).to_string(), "--mode", "dsr"]).unwrap();
+            agent.cli(&["backend", "add", "bulk", &bulk(backend_addr(0)).to_string()]).unwrap();
+            (VIP, Box::new(move || {
+                let counted = agent.cli(&["status", "--json"]).ok().map(|json| data_path_counters(&json));
+                AGENT_PID.store(0, std::sync::atomic::Ordering::Relaxed);
+                let _ = agent.cli(&["shutdown"]);
+                return_path.remove();
+                counted
+            }))
+        }
         Way::NftDnat => {
             let map = servers.iter().enumerate().map(|(i, s)| format!("{i} : {}", s.split(':').next().unwrap())).collect::<Vec<_>>().join(", ");
             lab.lb.exec(&format!(
@@ -596,6 +619,66 @@ fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()
     }
 }
 
+/// DSR's way back (`on`), or its removal: the backends hold the VIP (set
+/// up as README says) and answer the clients through a link of the
+/// client's own onto their segment, not through the balancer host, whose
+/// CPU is then what the balancer costs. Namespaces by name, so that the
+/// removal can outlive the borrow of the lab.
+struct DsrReturnPath {
+    client: String,
+    switch: String,
+    backends: Vec<String>,
+}
+
+impl DsrReturnPath {
+    const CLIENT_ON_BACKENDS: &str = "198.19.0.2";
+
+    fn of(lab: &Lab) -> Self {
+        Self {
+            client: lab.client.name.clone(),
+            switch: lab.switch.name.clone(),
+            backends: lab.backends.iter().map(|b| b.name.clone()).collect(),
+        }
+    }
+
+    fn exec(ns: &str, cmd: &str) {
+        sh(&format!("ip netns exec {ns} sh -c '{cmd}'"));
+    }
+
+    fn add(&self) {
+        let (client, switch) = (&self.client, &self.switch);
+        sh(&format!("ip link add eth1 netns {client} type veth peer dsrback netns {switch}"));
+        Self::exec(switch, "ip link set dsrback master br0 && ip link set dsrback up");
+        Self::exec(
+            client,
+            &format!(
+                "ip addr add {}/24 dev eth1 && ip link set eth1 up \
+                 && ethtool -K eth1 tx off tso off gso off gro on >/dev/null \
+                 && sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0",
+                Self::CLIENT_ON_BACKENDS
+            ),
+        );
+        for ns in &self.backends {
+            Self::exec(
+                ns,
+                &format!(
+                    "ip addr add {}/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                     && ip route add 198.18.0.0/24 via {}",
+                    VIP.ip(),
+                    Self::CLIENT_ON_BACKENDS
+                ),
+            );
+        }
+    }
+
+    fn remove(&self) {
+        Self::exec(&self.client, "ip link del eth1");
+        for ns in &self.backends {
+            Self::exec(ns, &format!("ip route del 198.18.0.0/24; ip addr del {}/32 dev lo", VIP.ip()));
+        }
+    }
+}
+
 /// The data path's counters that are not zero, from `lb status --json`.
 fn data_path_counters(status_json: &str) -> String {
     let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
@@ -642,7 +725,7 @@ fn ratio(a: &[Wrk], b: &[Wrk], value: impl Fn(&Wrk) -> f64) -> f64 {
     median(a.iter().zip(b).map(|(a, b)| value(a) / value(b)).collect())
 }
 
-/// Runs the five ways; returns the report and the checks against the targets.
+/// Runs the ways; returns the report and the checks against the targets.
 pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     let _ = std::fs::remove_file(raw_log());
     eprintln!("wrk's own output: {}", raw_log().display());
@@ -657,7 +740,7 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     let backends = Backends::start(&lab, setup);
     let mut iperf_server = lab.backends[0]
         .command("iperf3")
-        .args(["-s", "-B", &backend_addr(0).ip().to_string(), "-p", &BULK_PORT.to_string()])
+        .args(["-s", "-p", &BULK_PORT.to_string()])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 (apt-get install iperf3)");
@@ -700,7 +783,7 @@ pub fn run(plot: Option<&Path>, setup: &Setup) -> (String, Vec<Check>) {
     let rps = |w: &Wrk| w.requests_per_second;
     let p99 = |w: &Wrk| w.p99_ms;
     let mut out = format!(
-        "wrk -t{} -c{connections} -d{DURATION}; {}; each round runs the six ways in turn; every figure \
+        "wrk -t{} -c{connections} -d{DURATION}; {}; each round runs the ways in turn; every figure \
          is the median of the rounds, and every ratio the median of the ratios within each round. \
          \"new conn/s\" adds `Connection: close`. Ratios are to nginx stream, to nftables dnat (the kernel's \
          own NAT) and to plain forwarding. Errors are wrk's socket errors and non-2xx answers over both \

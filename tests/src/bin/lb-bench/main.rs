@@ -35,7 +35,7 @@ fn main() {
             print!("{report}");
         }
         _ => {
-            eprintln!("usage: lb-bench [micro|e2e|all] [--queues N] [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N] [--ways lb,fullnat,nginx,haproxy,nft,plain]");
+            eprintln!("usage: lb-bench [micro|e2e|all] [--queues N] [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N] [--ways lb,fullnat,dsr,nginx,haproxy,nft,plain]");
             std::process::exit(2);
         }
     }
