@@ -327,6 +327,14 @@ impl Agent {
         }
     }
 
+    /// Waits (up to `timeout`) until every backend of service `service`
+    /// (its index in the status) counts no active connection.
+    pub fn wait_for_counts_back_to_0(&self, service: usize, timeout: Duration) {
+        self.wait_for("every count back to 0", timeout, |s| {
+            s["services"][service]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
+        });
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let text = self.cli(&["status", "--json"]).expect("lb status --json");
         serde_json::from_str(&text).expect("status is JSON")

@@ -229,6 +229,18 @@ impl Drop for EchoProcess {
 
 /// `len` pseudo-random bytes (xorshift), so that a lost, duplicated or
 /// reordered segment shows in what is echoed back.
+/// Sends 20 MB of `pseudo_random` bytes on a new connection to `target`
+/// and checks that the echo is byte-exact; `through` names the way, for
+/// the failure. Returns how many bytes went each way.
+pub fn echoes_20_mb_byte_exact(client: &Netns, target: SocketAddrV4, through: &str) -> usize {
+    let sent = pseudo_random(20 * 1024 * 1024);
+    let held = connect(client, target).unwrap();
+    let echoed = held.round_trip(&sent).unwrap_or_else(|e| panic!("a 20 MB transfer {through}: {e}"));
+    assert!(echoed == sent, "the echoed 20 MB differ from what was sent {through}");
+    held.close().unwrap();
+    sent.len()
+}
+
 pub fn pseudo_random(len: usize) -> Vec<u8> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     (0..len)

@@ -14,7 +14,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        TestRun, TestRunOptions, Xdp, XdpMode,
+        Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -181,13 +181,6 @@ impl DecapProgram {
 
     /// Runs the program once on `frame`; the verdict and the frame it left.
     pub fn run_packet(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut output = vec![0u8; frame.len() + 256];
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ..Default::default()
-        })?;
-        output.truncate(result.data_size_out as usize);
-        Ok((result.return_value, output))
+        super::kernel::run_once(self.program()?, frame)
     }
 }

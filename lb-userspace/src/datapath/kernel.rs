@@ -120,6 +120,15 @@ pub(super) fn raise_memlock_limit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
+/// Runs `prog` once on `frame` through BPF_PROG_TEST_RUN; the verdict and
+/// the frame it left (room for 256 bytes more than came in).
+pub(super) fn run_once(prog: &Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut output = vec![0u8; frame.len() + 256];
+    let result = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut output), ..Default::default() })?;
+    output.truncate(result.data_size_out as usize);
+    Ok((result.return_value, output))
+}
+
 impl Datapath {
     /// Loads the program with room for `max_flows` flows (two table entries
     /// each), with maps of its own. Nothing is attached yet.
@@ -333,15 +342,7 @@ impl Datapath {
     /// Runs the packet program once on `frame`, as if it arrived on the
     /// loopback interface; returns the verdict and the frame it left.
     pub fn run_packet(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog = self.program("lb_xdp")?;
-        let mut output = vec![0u8; frame.len() + 256];
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ..Default::default()
-        })?;
-        output.truncate(result.data_size_out as usize);
-        Ok((result.return_value, output))
+        run_once(self.program("lb_xdp")?, frame)
     }
 
     /// For benchmarks: runs the packet program (`floor`: the pass-only one)

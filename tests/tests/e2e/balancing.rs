@@ -16,12 +16,6 @@ fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize
     m
 }
 
-fn all_counts_zero(agent: &Agent) {
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
-}
-
 /// Active connections per backend, in backend order.
 fn active(agent: &Agent) -> Vec<u64> {
     agent.active().into_iter().map(|(_, n)| n).collect()
@@ -38,7 +32,7 @@ fn short_connections_spread_over_every_backend_and_counts_return_to_zero() {
     assert_eq!(spread.len(), 3, "every backend should answer: {spread:?}");
     assert!(spread.values().all(|&n| n >= 10), "a backend was starved: {spread:?}");
 
-    all_counts_zero(agent);
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
     let status = agent.status();
     let totals: Vec<u64> =
         agent.backends().iter().map(|b| b["total_connections"].as_u64().unwrap()).collect();
@@ -87,7 +81,7 @@ fn held_connections_are_balanced_and_new_ones_go_to_the_least_loaded_backend() {
     for h in held.iter().chain(&next).chain(&more) {
         h.close().unwrap();
     }
-    all_counts_zero(agent);
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 }
 
 #[test]
@@ -106,7 +100,7 @@ fn weights_shift_the_spread_as_configured() {
     for h in &held {
         h.close().unwrap();
     }
-    all_counts_zero(agent);
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 }
 
 #[test]
@@ -136,7 +130,7 @@ fn parallel_clients_on_both_cpus_leave_exact_counts() {
     });
     let answered: usize = results.iter().map(Vec::len).sum();
     assert_eq!(answered, THREADS * PER_THREAD, "every connection succeeded");
-    all_counts_zero(agent);
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
     let total: u64 = agent.backends().iter().map(|b| b["total_connections"].as_u64().unwrap()).sum();
     assert_eq!(total as usize, THREADS * PER_THREAD);
     let closed = agent.status()["counters"]["closed_flows"].as_u64().unwrap();

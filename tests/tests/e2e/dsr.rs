@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use lb_tests::{
     lab::{backend_addr, lb_binary, Agent, Lab, ONE_ARM_CLIENT, VIP},
     serial,
-    servers::{connect, pseudo_random, request},
+    servers::{connect, echoes_20_mb_byte_exact, request},
 };
 
 /// Clients and backends on one segment, the backends with no route but
@@ -88,15 +88,9 @@ fn balances_with_direct_replies(tunnel: &str) {
     for h in &held {
         h.close().unwrap();
     }
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 
-    let sent = pseudo_random(20 * 1024 * 1024);
-    let held = connect(&lab.client, VIP).unwrap();
-    let echoed = held.round_trip(&sent).expect("a 20 MB transfer in DSR");
-    assert!(echoed == sent, "the echoed 20 MB differ from what was sent");
-    held.close().unwrap();
+    echoes_20_mb_byte_exact(&lab.client, VIP, "in DSR");
 
     // The balancer forwarded the clients' packets and saw none of the
     // backends'.
@@ -173,9 +167,7 @@ fn weights_drain_failover_and_restart(tunnel: &str) {
         let name = request(&lab.client, VIP).unwrap_or_else(|e| panic!("request {i} after b3 died: {e}"));
         assert_ne!(name, "b3");
     }
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 }
 
 #[test]
@@ -228,7 +220,5 @@ fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0(
     for h in held.iter().filter(|h| h.backend != "b1") {
         h.close().unwrap();
     }
-    agent.wait_for("every count back to 0", Duration::from_secs(15), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(15));
 }

@@ -14,7 +14,7 @@ use std::{
 use lb_tests::{
     lab::{backend_addr, Agent, Lab, LB_SERVER_SIDE, VIP},
     serial,
-    servers::{connect, pseudo_random, request},
+    servers::{connect, echoes_20_mb_byte_exact, request},
 };
 
 fn full_nat_config(lab: &Lab, interfaces: &str) -> String {
@@ -67,15 +67,9 @@ fn balances_as_nat_does(lab: &Lab, agent: &Agent) {
     for h in &held {
         h.close().unwrap();
     }
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 
-    let sent = pseudo_random(20 * 1024 * 1024);
-    let held = connect(&lab.client, VIP).unwrap();
-    let echoed = held.round_trip(&sent).expect("a 20 MB transfer through full NAT");
-    assert!(echoed == sent, "the echoed 20 MB differ from what was sent");
-    held.close().unwrap();
+    echoes_20_mb_byte_exact(&lab.client, VIP, "through full NAT");
 }
 
 #[test]
@@ -208,9 +202,7 @@ fn least_connections_refill_http_health_and_the_reset_policy_work_in_full_nat() 
     for h in held.iter().filter(|h| h.backend != "b2") {
         h.close().unwrap();
     }
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 }
 
 #[test]
@@ -274,7 +266,5 @@ fn closed_flows_ports_go_to_new_flows_the_backends_time_wait_accepts_so_short_co
     let opened: u64 =
         second["backends"].as_array().unwrap().iter().map(|b| b["total_connections"].as_u64().unwrap_or(0)).sum();
     assert!(opened >= 600, "{second}");
-    agent.wait_for("every count back to 0", Duration::from_secs(5), |s| {
-        s["services"][1]["backends"].as_array().unwrap().iter().all(|b| b["active_connections"] == 0)
-    });
+    agent.wait_for_counts_back_to_0(1, Duration::from_secs(5));
 }

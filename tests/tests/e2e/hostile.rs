@@ -5,13 +5,14 @@
 //! to what the real connections hold.
 use std::{
     net::SocketAddrV4,
-    process::Stdio,
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     inject,
     lab::{backend_addr, start, Agent, VIP},
+    netns::Netns,
     packet::{Tcp, ACK, RST},
     servers::{connect, connect_with, Held},
 };
@@ -30,6 +31,18 @@ fn counter(agent: &Agent, name: &str) -> u64 {
 fn connections(agent: &Agent) -> (u64, u64) {
     let s = &agent.status()["services"][0];
     (s["active_connections"].as_u64().unwrap(), s["half_open_connections"].as_u64().unwrap())
+}
+
+/// SYNs to the VIP from random sources, as fast as hping3 sends them, from
+/// `client`; bounded: it stops after `seconds` whatever happens.
+fn spoofed_syn_flood(client: &Netns, seconds: u32) -> Child {
+    client
+        .command("timeout")
+        .args([&seconds.to_string(), "hping3", "--flood", "--rand-source", "-S", "-p", "80", &VIP.ip().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)")
 }
 
 /// Sequence numbers no real connection here is likely to be near.
@@ -76,15 +89,7 @@ fn a_spoofed_syn_flood_keeps_no_real_client_out_and_leaves_nothing_behind() {
     let (lab, agent) = (&running.lab, &running.agent);
     let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
 
-    // Bounded: hping3 stops after 5 s whatever happens.
-    let mut flood = lab
-        .client
-        .command("timeout")
-        .args(["5", "hping3", "--flood", "--rand-source", "-S", "-p", "80", &VIP.ip().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)");
+    let mut flood = spoofed_syn_flood(&lab.client, 5);
     std::thread::sleep(Duration::from_millis(1500));
     let during = agent.status();
     // Real clients the balancer has never seen, while it lasts.
@@ -150,14 +155,7 @@ fn a_spoofed_syn_flood_in_full_nat_holds_the_balancers_ports_for_2_seconds_not_t
     let agent = lab.start_agent(&config);
     let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
 
-    let mut flood = lab
-        .client
-        .command("timeout")
-        .args(["4", "hping3", "--flood", "--rand-source", "-S", "-p", "80", &VIP.ip().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)");
+    let mut flood = spoofed_syn_flood(&lab.client, 4);
     std::thread::sleep(Duration::from_millis(1500));
     let during = agent.status();
     let flood_status = flood.wait().unwrap();
