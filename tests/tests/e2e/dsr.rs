@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
-    lab::{backend_addr, lb_binary, Agent, Lab, ONE_ARM_CLIENT, VIP},
+    lab::{lb_binary, Agent, Lab, ONE_ARM_CLIENT, VIP},
     serial,
     servers::{connect, echoes_20_mb_byte_exact, request},
 };
@@ -124,24 +124,7 @@ fn weights_drain_failover_and_restart(tunnel: &str) {
     let config = dsr_config(&lab, tunnel, &["weight = 1", "weight = 2", "weight = 1"], "", checks);
     let agent = lab.start_agent(&config);
 
-    // Weights: least connections per unit of weight.
-    let held: Vec<_> = (0..8).map(|_| connect(&lab.client, VIP).unwrap()).collect();
-    assert_eq!(counts(&agent), [2, 4, 2]);
-
-    // Drain b1: no new flows; --wait returns once its clients have closed.
-    let b1 = backend_addr(0).to_string();
-    agent.cli(&["backend", "drain", "web", &b1]).unwrap();
-    for _ in 0..6 {
-        assert_ne!(request(&lab.client, VIP).unwrap(), "b1", "a draining backend takes no new flow");
-    }
-    for h in held.iter().filter(|h| h.backend == "b1") {
-        h.close().unwrap();
-    }
-    agent.cli(&["backend", "drain", "web", &b1, "--wait", "--timeout", "5"]).expect("drained");
-    for h in held.iter().filter(|h| h.backend != "b1") {
-        h.close().unwrap();
-    }
-    agent.cli(&["backend", "enable", "web", &b1]).unwrap();
+    crate::weights_and_drain_as_in_nat(&lab, &agent);
 
     // Killed and started again: held connections go on, the counts are
     // taken over exactly.

@@ -122,25 +122,7 @@ fn weights_drain_and_a_dead_backend_work_in_full_nat_as_in_nat() {
     let mut servers = lab.start_servers();
     let agent = lab.start_agent(&weighted_full_nat_config(&lab, "[\"cli\", \"srv\"]", &[1, 2, 1]));
 
-    // Weights: least connections per unit of weight.
-    let held: Vec<_> = (0..8).map(|_| connect(&lab.client, VIP).unwrap()).collect();
-    let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
-    assert_eq!(active, [2, 4, 2]);
-
-    // Drain b1: no new flows; --wait returns once its last flow has ended.
-    let b1 = lb_tests::lab::backend_addr(0).to_string();
-    agent.cli(&["backend", "drain", "web", &b1]).unwrap();
-    for _ in 0..6 {
-        assert_ne!(request(&lab.client, VIP).unwrap(), "b1", "a draining backend takes no new flow");
-    }
-    for h in held.iter().filter(|h| h.backend == "b1") {
-        h.close().unwrap();
-    }
-    agent.cli(&["backend", "drain", "web", &b1, "--wait", "--timeout", "5"]).expect("drained");
-    for h in held.iter().filter(|h| h.backend != "b1") {
-        h.close().unwrap();
-    }
-    agent.cli(&["backend", "enable", "web", &b1]).unwrap();
+    crate::weights_and_drain_as_in_nat(&lab, &agent);
 
     // b3 dies (its port refuses): its refusals come back to the balancer's
     // port, the SYN moves on, no request fails.

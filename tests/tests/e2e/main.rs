@@ -18,3 +18,36 @@ mod reload;
 mod restart;
 mod status_page;
 mod trace;
+
+use std::time::Duration;
+
+use lb_tests::{
+    lab::{backend_addr, Agent, Lab, VIP},
+    servers::{connect, request},
+};
+
+/// What every forwarding mode must do with service "web" on weights
+/// [1, 2, 1]: eight connections spread 2/4/2 (least connections per unit of
+/// weight); a drained b1 takes no new flow, and `drain --wait` returns once
+/// its clients have closed; enabled again, it takes flows. Leaves no
+/// connection open.
+fn weights_and_drain_as_in_nat(lab: &Lab, agent: &Agent) {
+    let held: Vec<_> = (0..8).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    let active: Vec<u64> = agent.active().into_iter().map(|(_, n)| n).collect();
+    assert_eq!(active, [2, 4, 2]);
+
+    let b1 = backend_addr(0).to_string();
+    agent.cli(&["backend", "drain", "web", &b1]).unwrap();
+    for _ in 0..6 {
+        assert_ne!(request(&lab.client, VIP).unwrap(), "b1", "a draining backend takes no new flow");
+    }
+    for h in held.iter().filter(|h| h.backend == "b1") {
+        h.close().unwrap();
+    }
+    agent.cli(&["backend", "drain", "web", &b1, "--wait", "--timeout", "5"]).expect("drained");
+    for h in held.iter().filter(|h| h.backend != "b1") {
+        h.close().unwrap();
+    }
+    agent.cli(&["backend", "enable", "web", &b1]).unwrap();
+    agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
+}
