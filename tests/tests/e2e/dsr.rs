@@ -175,19 +175,7 @@ fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0(
     let mut processes = lab.start_processes_on_all_addresses();
     let agent = lab.start_agent(&dsr_config(&lab, "none", &["weight = 1"; 3], "[agent.timeouts]\nestablished = 4\n", ""));
 
-    // Least connections refill: b1's flows end, the next two go to b1.
-    let mut held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
-    assert_eq!(counts(&agent), [2, 2, 2]);
-    for h in held.iter().filter(|h| h.backend == "b1") {
-        h.close().unwrap();
-    }
-    held.retain(|h| h.backend != "b1");
-    agent.wait_for("b1's count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"][0]["active_connections"] == 0
-    });
-    held.extend((0..2).map(|_| connect(&lab.client, VIP).unwrap()));
-    assert_eq!(held.iter().filter(|h| h.backend == "b1").count(), 2, "the two new flows refill b1");
-    assert_eq!(counts(&agent), [2, 2, 2]);
+    let held = crate::least_connections_refill(&lab, &agent);
     assert_eq!(truth(&lab), counts(&agent), "no drift while clients and backends both hold on");
 
     // b1's server is killed: its kernel resets b1's clients as they send,

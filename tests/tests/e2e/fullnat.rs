@@ -148,21 +148,8 @@ fn least_connections_refill_http_health_and_the_reset_policy_work_in_full_nat() 
         "on_backend_down = \"reset\"\n[service.health]\ntype = \"http\"\nport = 81\npath = \"/health\"\n",
     ));
     let agent = lab.start_agent(&config);
-    let active = || agent.active().into_iter().map(|(_, n)| n).collect::<Vec<u64>>();
 
-    // Least connections refill: b1's flows end, the next two go to b1.
-    let mut held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
-    assert_eq!(active(), [2, 2, 2]);
-    for h in held.iter().filter(|h| h.backend == "b1") {
-        h.close().unwrap();
-    }
-    held.retain(|h| h.backend != "b1");
-    agent.wait_for("b1's count back to 0", Duration::from_secs(5), |s| {
-        s["services"][0]["backends"][0]["active_connections"] == 0
-    });
-    held.extend((0..2).map(|_| connect(&lab.client, VIP).unwrap()));
-    assert_eq!(held.iter().filter(|h| h.backend == "b1").count(), 2, "the two new flows refill b1");
-    assert_eq!(active(), [2, 2, 2]);
+    let held = crate::least_connections_refill(&lab, &agent);
 
     // b2's health endpoint fails: it goes down, its clients get an RST from
     // the VIP at once, new flows go elsewhere, the others' flows carry on.

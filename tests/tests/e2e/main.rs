@@ -51,3 +51,22 @@ fn weights_and_drain_as_in_nat(lab: &Lab, agent: &Agent) {
     agent.cli(&["backend", "enable", "web", &b1]).unwrap();
     agent.wait_for_counts_back_to_0(0, Duration::from_secs(5));
 }
+
+/// Least connections refill on three equal backends: of six connections,
+/// b1's two end, and the next two go to b1. Returns the six held.
+fn least_connections_refill(lab: &Lab, agent: &Agent) -> Vec<lb_tests::servers::Held> {
+    let active = || agent.active().into_iter().map(|(_, n)| n).collect::<Vec<u64>>();
+    let mut held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    assert_eq!(active(), [2, 2, 2]);
+    for h in held.iter().filter(|h| h.backend == "b1") {
+        h.close().unwrap();
+    }
+    held.retain(|h| h.backend != "b1");
+    agent.wait_for("b1's count back to 0", Duration::from_secs(5), |s| {
+        s["services"][0]["backends"][0]["active_connections"] == 0
+    });
+    held.extend((0..2).map(|_| connect(&lab.client, VIP).unwrap()));
+    assert_eq!(held.iter().filter(|h| h.backend == "b1").count(), 2, "the two new flows refill b1");
+    assert_eq!(active(), [2, 2, 2]);
+    held
+}
