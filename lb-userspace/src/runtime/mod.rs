@@ -88,6 +88,7 @@ fn start(config: &Config, pins: &Pins, mut datapath: Datapath, reused: bool, per
     }
     datapath.set_timeouts(&config.agent.timeouts.to_wire())?;
     reserve_snat_ports(&config.services);
+    advise_dsr_health_checks(&config.services);
     let mut balancer = Balancer::new(datapath);
     let adopted = if reused { balancer.adopt() } else { 0 };
     let saved = state::load(&state::path_for(&config.agent.socket)).unwrap_or_default();
@@ -236,6 +237,7 @@ fn reload(balancer: &Mutex<Balancer>, path: &Path, persist: &Persist) -> Respons
         let mut b = balancer.lock().unwrap();
         let changes = b.reload(&config)?;
         reserve_snat_ports(&config.services);
+        advise_dsr_health_checks(&config.services);
         persist.reconciled_with(state::digest(text.as_bytes()));
         persist.save(&b.model);
         Ok(changes)
@@ -282,6 +284,19 @@ fn attach(datapath: &mut Datapath, interface: &str, mode: XdpModeSetting, pins: 
 /// each range to `net.ipv4.ip_local_reserved_ports` (of the agent's network
 /// namespace) unless it is there already. The kernel then never picks them
 /// for an outgoing connection, so a reply to one is always a flow's.
+/// A DSR backend that dies refuses new connections straight to the
+/// clients, where the data path cannot see it: only active health checks
+/// take it out (passive ones see SYNs the clients retry, not refusals).
+fn advise_dsr_health_checks(services: &[crate::config::ServiceConfig]) {
+    for s in services.iter().filter(|s| s.mode == crate::config::Mode::Dsr && s.health.is_none()) {
+        tracing::warn!(
+            service = %s.name,
+            "DSR without [service.health]: a dead backend's refusals go straight to the clients, \
+             and only active health checks take it out; add a [service.health] table"
+        );
+    }
+}
+
 fn reserve_snat_ports(services: &[crate::config::ServiceConfig]) {
     const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
     let Ok(current) = std::fs::read_to_string(PATH) else { return };

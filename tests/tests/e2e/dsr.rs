@@ -175,6 +175,7 @@ fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0(
     let mut processes = lab.start_processes_on_all_addresses();
     let agent = lab.start_agent(&dsr_config(&lab, "none", &["weight = 1"; 3], "[agent.timeouts]\nestablished = 4\n", ""));
 
+    assert!(agent.log().contains("DSR without [service.health]"), "the agent advises health checks");
     let held = crate::least_connections_refill(&lab, &agent);
     assert_eq!(truth(&lab), counts(&agent), "no drift while clients and backends both hold on");
 
