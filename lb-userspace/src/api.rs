@@ -182,6 +182,11 @@ pub struct BackendStatus {
     /// Passive health: handshakes refused with RST, SYNs left unanswered.
     pub refused: u64,
     pub unanswered: u64,
+    /// Full NAT: the balancer's source ports taken towards this backend, by
+    /// live flows, closed ones and ports held for its TIME_WAIT; each
+    /// source address has `snat_ports`' range of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_ports_in_use: Option<u64>,
     pub last_check: Option<CheckResult>,
 }
 

@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Result;
 use lb_common::{
     ActiveCounts, BackendSet, BackendStats, Clock, Flow, FlowKey, Service, ServiceKey, TraceConfig, COUNTER_COUNT,
-    DIR_FORWARD, PROTO_TCP,
+    DIR_FORWARD, DIR_HOLD, DIR_REPLY, MODE_FULLNAT, PROTO_TCP,
 };
 
 pub use self::{fake::FakeMaps, kernel::Datapath, pins::Pins};
@@ -77,10 +77,41 @@ pub trait Maps {
         self.flows().iter().filter(|(_, f)| f.direction == DIR_FORWARD).count()
     }
 
+    /// The flows, and the full-NAT source ports each backend slot holds.
+    fn table_counts(&self) -> TableCounts {
+        TableCounts::of(&self.flows())
+    }
+
     /// One slot's statistics, summed over CPUs.
     fn backend_stats(&self, service: u32, slot: u32) -> Result<BackendStats> {
         let all = self.service_backend_stats(service, slot as usize + 1)?;
         Ok(all[slot as usize])
+    }
+}
+
+/// What the connection table holds, counted in one pass.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableCounts {
+    /// Forward entries: the flows.
+    pub flows: u64,
+    /// Full-NAT source ports taken towards each (service, slot): by a
+    /// flow's reply entry, live or closed, or held for the backend's
+    /// TIME_WAIT (`DIR_HOLD`).
+    pub snat_ports: std::collections::HashMap<(u32, u32), u64>,
+}
+
+impl TableCounts {
+    pub fn of(entries: &[(FlowKey, Flow)]) -> Self {
+        let mut counts = Self::default();
+        for (_, f) in entries {
+            match f.direction {
+                DIR_FORWARD => counts.flows += 1,
+                DIR_REPLY if f.mode == MODE_FULLNAT => *counts.snat_ports.entry((f.service as u32, f.slot as u32)).or_default() += 1,
+                DIR_HOLD => *counts.snat_ports.entry((f.service as u32, f.slot as u32)).or_default() += 1,
+                _ => {}
+            }
+        }
+        counts
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Balancer<M: Maps = Datapath> {
     pub expired_total: u64,
     /// Flows in the table at the last aging scan.
     pub flows_seen: u64,
+    /// The full-NAT ports each backend slot held at the last aging scan.
+    pub snat_ports_seen: std::collections::HashMap<(u32, u32), u64>,
     counted_by_aging: bool,
     tracer: trace::Tracer,
 }
@@ -55,6 +57,7 @@ impl<M: Maps> Balancer<M> {
             neighbours_kept: Default::default(),
             expired_total: 0,
             flows_seen: 0,
+            snat_ports_seen: Default::default(),
             counted_by_aging: false,
             tracer: trace::Tracer::default(),
         }

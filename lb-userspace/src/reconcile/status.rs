@@ -11,7 +11,7 @@ use lb_common::{
 use super::Balancer;
 use crate::{
     api::{BackendStatus, FlowState, FlowStatus, FlowTableStatus, ServiceStatus, Status},
-    datapath::{host_socket, Maps},
+    datapath::{host_socket, Maps, TableCounts},
 };
 
 /// Tables up to this many flows are counted afresh for each status.
@@ -20,6 +20,14 @@ const COUNT_FLOWS_UP_TO: u64 = 100_000;
 impl<M: Maps> Balancer<M> {
     pub fn status(&self) -> Result<Status> {
         let now = Instant::now();
+        // Reading a big table takes a while (about 0.7 s for a million
+        // flows): past this size the status gives the last aging scan's
+        // counts.
+        let table = if self.counted_by_aging && self.flows_seen > COUNT_FLOWS_UP_TO {
+            TableCounts { flows: self.flows_seen, snat_ports: self.snat_ports_seen.clone() }
+        } else {
+            self.datapath.table_counts()
+        };
         let mut services = Vec::new();
         for s in &self.model.services {
             let counts = self.datapath.active_counts(s.id)?;
@@ -48,6 +56,8 @@ impl<M: Maps> Balancer<M> {
                     bytes_out: stats.reply_bytes,
                     refused: stats.refused,
                     unanswered: stats.unanswered,
+                    snat_ports_in_use: (s.mode == crate::config::Mode::FullNat)
+                        .then(|| table.snat_ports.get(&(s.id, i as u32)).copied().unwrap_or(0)),
                     last_check: m.health.last_check.clone(),
                 });
             }
@@ -66,13 +76,7 @@ impl<M: Maps> Balancer<M> {
             });
         }
         let counters = self.datapath.counters()?;
-        // Reading a big table takes a while (about 0.7 s for a million
-        // flows): past this size the status gives the last aging scan's count.
-        let flows = if self.counted_by_aging && self.flows_seen > COUNT_FLOWS_UP_TO {
-            self.flows_seen
-        } else {
-            self.datapath.flow_count() as u64
-        };
+        let flows = table.flows;
         Ok(Status {
             services,
             flow_table: FlowTableStatus { flows, capacity: self.datapath.max_flows() as u64 },

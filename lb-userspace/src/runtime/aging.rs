@@ -14,7 +14,7 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::{Datapath, Maps},
+    datapath::{Datapath, Maps, TableCounts},
     reconcile::Balancer,
 };
 
@@ -78,6 +78,7 @@ impl Aging {
             Ok(r) => {
                 b.expired_total += r.expired as u64;
                 b.flows_seen = r.flows;
+                b.snat_ports_seen = r.snat_ports;
                 if r.expired > 0 || r.orphans_removed > 0 || r.holds_released > 0 {
                     tracing::debug!(
                         expired = r.expired,
@@ -102,6 +103,8 @@ impl Aging {
 pub struct AgingReport {
     /// Flows in the table when it was read.
     pub flows: u64,
+    /// Full-NAT source ports each (service, slot) held when it was read.
+    pub snat_ports: HashMap<(u32, u32), u64>,
     pub expired: u32,
     pub orphans_removed: u32,
     /// Full-NAT ports held for a backend's TIME_WAIT, let go.
@@ -116,13 +119,13 @@ pub fn age(datapath: &mut Datapath, timeouts: &Timeouts, look_for_orphans: bool)
     let now = datapath.now_ticks()?;
     let ticks = datapath.clock().timeouts(timeouts);
     let entries = datapath.flows();
-    let mut report = AgingReport::default();
+    let counted = TableCounts::of(&entries);
+    let mut report = AgingReport { flows: counted.flows, snat_ports: counted.snat_ports, ..Default::default() };
 
     // A reply entry can only make a flow busier, so a flow whose own last
     // packet is recent enough is not idle whatever its reply says.
     let mut candidates: HashMap<FlowKey, (FlowKey, &Flow, u64)> = HashMap::new();
     for (key, flow) in entries.iter().filter(|(_, f)| f.direction == DIR_FORWARD) {
-        report.flows += 1;
         let idle = now.saturating_sub(flow.last_seen);
         if idle >= flow_timeout(&ticks, flow.state, flow.mode) {
             candidates.insert(key.reply(flow), (*key, flow, 0));

@@ -127,6 +127,11 @@ pub fn render(status: &Status, expired_total: u64) -> String {
     let latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     r.register("lb_backend_check_latency_seconds", "Duration of the last active health check", latency.clone());
     let check_ok = gauge_family(&mut r, "lb_backend_check_success", "1 if the last active health check passed");
+    let snat_ports = gauge_family(
+        &mut r,
+        "lb_backend_snat_ports_in_use",
+        "Full NAT: the balancer's source ports taken towards the backend (live, closed and held flows)",
+    );
 
     for s in &status.services {
         for b in &s.backends {
@@ -147,6 +152,9 @@ pub fn render(status: &Status, expired_total: u64) -> String {
             state.get_or_create(&with("state", &b.state.to_string())).set(1);
             failures.get_or_create(&with("kind", "refused")).inc_by(b.refused);
             failures.get_or_create(&with("kind", "unanswered")).inc_by(b.unanswered);
+            if let Some(ports) = b.snat_ports_in_use {
+                snat_ports.get_or_create(&labels()).set(ports as i64);
+            }
             if let Some(check) = &b.last_check {
                 latency.get_or_create(&labels()).set(check.latency_ms / 1e3);
                 check_ok.get_or_create(&labels()).set(check.ok as i64);

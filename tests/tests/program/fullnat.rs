@@ -95,6 +95,8 @@ fn ports_are_taken_per_backend_and_exhaustion_drops_the_syn_and_is_counted() {
         }
         let per_backend: Vec<usize> = (0..2).map(|i| seen.iter().filter(|(to, _)| *to == backend(i)).count()).collect();
         assert_eq!(per_backend, [2, 2]);
+        let in_use: Vec<Option<u64>> = b.status().unwrap().services[0].backends.iter().map(|b| b.snat_ports_in_use).collect();
+        assert_eq!(in_use, [Some(2), Some(2)], "the status shows each backend's ports taken");
         assert_eq!(counter(b, Counter::SnatPortsExhausted), 0);
         let (verdict, _) = run(b, &Tcp::new(client(41010), VIP, SYN).frame());
         assert_eq!(verdict, XDP_DROP, "no port left: the SYN is dropped, the client retries");
@@ -305,6 +307,8 @@ fn a_client_reusing_its_5_tuple_leaves_the_old_port_held_and_nothing_reaches_any
         let error = icmp_error(*backend(0).ip(), BALANCER, 3, 3, [0; 4], &quoted[14..]);
         assert_ne!(run(b, &error).0, XDP_REDIRECT);
         assert_eq!(b.conntrack().len(), 1, "lb conntrack shows the new flow only");
+        // The status shows both ports taken: one by the new flow, one held.
+        assert_eq!(b.status().unwrap().services[0].backends[0].snat_ports_in_use, Some(2));
 
         // A SYN that TIME_WAIT accepts takes the held port over.
         assert_eq!(syn_with_ts(b, 42002, 9000), (XDP_REDIRECT, Some(old)));
@@ -325,6 +329,8 @@ fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
         let time_wait_over = Timeouts { fin: 0, closed: 0, ..not_yet };
         let aged = lb::runtime::aging::age(&mut b.datapath, &time_wait_over, false).unwrap();
         assert_eq!((aged.expired, aged.holds_released), (0, 1));
+        assert_eq!(aged.snat_ports, [((0, 0), 2)].into(), "the scan counted both ports, the hold among them");
+        assert_eq!(b.status().unwrap().services[0].backends[0].snat_ports_in_use, Some(1), "the hold is gone");
         assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_REDIRECT, Some(old)), "the old port is free again");
     });
 }
