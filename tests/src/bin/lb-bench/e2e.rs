@@ -535,7 +535,7 @@ fn set_up(lab: &Lab, setup: &Setup, way: Way) -> (SocketAddrV4, Box<dyn FnOnce()
             }))
         }
         Way::XdpDsr => {
-            let return_path = DsrReturnPath::of(lab);
+            let return_path = DsrReturnPath::of(lab, setup.queues);
             return_path.add();
             let config = lab.config(&[1, 1, 1], "").replace("mode = \"nat\"", "mode = \"dsr\"");
             let agent = lab.start_agent(&config);
@@ -628,16 +628,19 @@ struct DsrReturnPath {
     client: String,
     switch: String,
     backends: Vec<String>,
+    /// Queues for its veth, as the lab's have.
+    queues: u32,
 }
 
 impl DsrReturnPath {
     const CLIENT_ON_BACKENDS: &str = "198.19.0.2";
 
-    fn of(lab: &Lab) -> Self {
+    fn of(lab: &Lab, queues: u32) -> Self {
         Self {
             client: lab.client.name.clone(),
             switch: lab.switch.name.clone(),
             backends: lab.backends.iter().map(|b| b.name.clone()).collect(),
+            queues,
         }
     }
 
@@ -647,7 +650,8 @@ impl DsrReturnPath {
 
     fn add(&self) {
         let (client, switch) = (&self.client, &self.switch);
-        sh(&format!("ip link add eth1 netns {client} type veth peer dsrback netns {switch}"));
+        let q = format!("numtxqueues {0} numrxqueues {0}", self.queues);
+        sh(&format!("ip link add eth1 netns {client} {q} type veth peer dsrback netns {switch} {q}"));
         Self::exec(switch, "ip link set dsrback master br0 && ip link set dsrback up");
         Self::exec(
             client,
