@@ -122,10 +122,10 @@ counters! {
     /// port it tried holds a live or recently closed flow): dropped, the
     /// client retries.
     SnatPortsExhausted = "snat_ports_exhausted",
-    /// A DSR packet whose backend has no known next hop (its MAC is not
-    /// resolved yet): dropped, since the kernel would deliver it to the
-    /// VIP here; the client retransmits, and the agent's health checks
-    /// resolve backends' neighbours.
+    /// A DSR packet the balancer cannot send on: its backend's MAC is not
+    /// resolved yet (the agent keeps on-link backends resolved), or it is
+    /// too big for the tunnel and has no DF. Dropped, since the kernel would
+    /// deliver it to the VIP here; the client retransmits.
     DsrUnroutable = "dsr_unroutable",
 }
 

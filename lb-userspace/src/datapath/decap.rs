@@ -71,7 +71,11 @@ impl Decap {
         }
         let attached_now = !self.link().exists();
         if attached_now {
-            self.load_and_attach(interface)?;
+            if let Err(e) = self.load_and_attach(interface) {
+                // Nothing half-made stays behind.
+                let _ = self.detach();
+                return Err(e);
+            }
         }
         self.set_vips(vips)?;
         Ok(attached_now)

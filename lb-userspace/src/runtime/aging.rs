@@ -23,6 +23,10 @@ use crate::{
 /// `PRESSURE_SYN_TIMEOUT_NS`.
 const PRESSURE: f64 = 0.9;
 const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
+/// How long after a full-NAT SYN last found no free port the ports still
+/// count as scarce: longer than a client's SYN retries take to give up on
+/// a connection's first seconds.
+const PORT_PRESSURE_HOLD: Duration = Duration::from_secs(10);
 /// Every this many aging scans, also look for leftover reply entries.
 const ORPHAN_SCAN_EVERY: u64 = 30;
 
@@ -33,14 +37,22 @@ pub struct Aging {
     next_scan: Instant,
     scans: u64,
     pressure_warned: Option<Instant>,
-    /// `snat_ports_exhausted` at the last scan.
+    /// `snat_ports_exhausted` at the last scan, and when it last rose.
     ports_exhausted: u64,
+    ports_scarce_at: Option<Instant>,
 }
 
 impl Aging {
     /// `timeouts` in nanoseconds.
     pub fn new(timeouts: Timeouts) -> Self {
-        Self { timeouts, next_scan: Instant::now(), scans: 0, pressure_warned: None, ports_exhausted: 0 }
+        Self {
+            timeouts,
+            next_scan: Instant::now(),
+            scans: 0,
+            pressure_warned: None,
+            ports_exhausted: 0,
+            ports_scarce_at: None,
+        }
     }
 
     /// One aging tick: a scan unless the last one was too recent, then
@@ -53,9 +65,14 @@ impl Aging {
         // Full NAT's source ports run out before the table does: a flood
         // from random sources takes one a flow. Its flows must not hold them
         // for the whole `syn` timeout, or no real client gets one meanwhile.
+        // Held for a while after the last SYN that found none: between two
+        // scans the only SYNs may be a real client's retries, seconds apart.
         let exhausted = b.datapath.counters().map_or(0, |c| c[Counter::SnatPortsExhausted as usize]);
-        let ports_scarce = exhausted > self.ports_exhausted;
+        if exhausted > self.ports_exhausted {
+            self.ports_scarce_at = Some(Instant::now());
+        }
         self.ports_exhausted = exhausted;
+        let ports_scarce = self.ports_scarce_at.is_some_and(|at| at.elapsed() < PORT_PRESSURE_HOLD);
         let mut t = self.timeouts;
         if occupancy > PRESSURE || ports_scarce {
             // Half-open flows (a SYN flood, say) go first, so that

@@ -194,3 +194,37 @@ fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0(
     }
     agent.wait_for_counts_back_to_0(0, Duration::from_secs(15));
 }
+
+#[test]
+fn lb_decap_says_what_is_wrong_and_leaves_nothing_behind() {
+    let _serial = serial();
+    let lab = Lab::new(1);
+    let pins = lab.pin_dir().join("decap-bad");
+    let decap = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.backends[0].name))
+            .arg(lb_binary())
+            .arg("decap")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pins)
+            .output()
+            .unwrap()
+    };
+    let out = decap(&["attach", "nosuch0", "--vip", &VIP.ip().to_string()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nosuch0"), "{err}");
+    assert!(!pins.join("nosuch0").exists(), "no pins left of a failed attach");
+    let out = decap(&["attach", "eth0"]);
+    assert!(!out.status.success(), "a VIP is required");
+    let out = decap(&["status", "eth0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `lb decap attach` first"));
+    // Attached, then detached: nothing stays.
+    assert!(decap(&["attach", "eth0", "--vip", &VIP.ip().to_string()]).status.success());
+    assert!(lab.backends[0].exec("ip link show eth0").stdout.windows(3).any(|w| w == b"xdp"), "attached");
+    let out = decap(&["detach", "eth0"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("taken off eth0"));
+    assert!(!lab.backends[0].exec("ip link show eth0").stdout.windows(3).any(|w| w == b"xdp"), "detached");
+    assert!(!pins.join("eth0").exists());
+}
