@@ -386,6 +386,7 @@ impl Config {
 
     /// A config file's text, read from `path`.
     pub fn parse(text: &str, path: &std::path::Path) -> Result<Self> {
+        refuse_proxy_protocol(text).with_context(|| format!("{} is not a valid config", path.display()))?;
         let config: Config =
             toml::from_str(text).with_context(|| format!("{} is not a valid config", path.display()))?;
         config.validate().with_context(|| format!("{} is not a valid config", path.display()))?;
@@ -495,6 +496,27 @@ impl ServiceConfig {
     }
 }
 
+/// PROXY protocol is not done yet: a config that asks for it is told so,
+/// and how to keep the client's address another way, rather than only that
+/// the key is unknown.
+fn refuse_proxy_protocol(text: &str) -> Result<()> {
+    let Ok(value) = toml::from_str::<toml::Value>(text) else {
+        return Ok(()); // the full parse says what is wrong
+    };
+    let services = value.get("service").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    for s in &services {
+        if s.get("proxy_protocol").is_some() {
+            let name = s.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            bail!(
+                "service {name}: proxy_protocol is not supported yet. Backends that need the client's address get \
+                 it with mode = \"nat\" or \"dsr\" (they see the client itself); in full NAT `lb conntrack` \
+                 shows which client each of the balancer's ports carries"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn validate_name(name: &str) -> Result<()> {
     let ok =
         !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
@@ -551,6 +573,14 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.services[0].backends[0].address.to_string(), "198.19.0.11:80");
         assert_eq!(c.agent.timeouts.established, 900.0);
+    }
+
+    #[test]
+    fn proxy_protocol_is_refused_with_what_to_do_instead() {
+        let text = "[[service]]\nname = 'web'\nvip = '198.18.0.100:80'\nmode = 'fullnat'\nproxy_protocol = true\n";
+        let err = format!("{:#}", Config::parse(text, std::path::Path::new("lb.toml")).unwrap_err());
+        assert!(err.contains("service web: proxy_protocol is not supported yet"), "{err}");
+        assert!(err.contains("mode = \"nat\" or \"dsr\""), "{err}");
     }
 
     #[test]

@@ -73,8 +73,7 @@ fn balances_with_direct_replies(tunnel: &str) {
     let mode = if tunnel == "ipip" { "least_conn/dsr over ipip " } else { "least_conn/dsr " };
     assert!(shown.contains(mode), "{shown}");
 
-    let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
-    assert_eq!(counts(&agent), [2, 2, 2]);
+    let held = crate::least_connections_refill(&lab, &agent);
     assert_eq!(truth(&lab), [2, 2, 2]);
     // Each backend holds them on the VIP, with the client's own address.
     for (i, ns) in lab.backends.iter().enumerate() {
@@ -167,7 +166,6 @@ fn weights_drain_a_dead_backend_and_a_restart_work_in_dsr_through_ipip() {
 /// client's FIN or RST. What it cannot see is the backend ending a flow:
 /// a backend that dies resets its clients directly, and a client that
 /// sends nothing more stays counted until the established idle timeout.
-/// Least connections refills by the counts as in nat.
 #[test]
 fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0() {
     let _serial = serial();
@@ -176,7 +174,8 @@ fn dsr_counts_follow_the_clients_drift_when_a_backend_resets_and_come_back_to_0(
     let agent = lab.start_agent(&dsr_config(&lab, "none", &["weight = 1"; 3], "[agent.timeouts]\nestablished = 4\n", ""));
 
     assert!(agent.log().contains("DSR without [service.health]"), "the agent advises health checks");
-    let held = crate::least_connections_refill(&lab, &agent);
+    let held: Vec<_> = (0..6).map(|_| connect(&lab.client, VIP).unwrap()).collect();
+    assert_eq!(counts(&agent), [2, 2, 2]);
     assert_eq!(truth(&lab), counts(&agent), "no drift while clients and backends both hold on");
 
     // b1's server is killed: its kernel resets b1's clients as they send,
