@@ -15,7 +15,8 @@ use lb_common::{mode_is_dsr, Counter, Flow, FlowKey, DIR_FORWARD, DIR_HOLD, MODE
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    csum::{apply, diff16, diff32, fold, words},
+    csum::{apply, diff16, diff32, fold},
+    ipv4::Ipv4Header,
     forward::{self, Refusal},
     parse::{IcmpError, TcpPacket, DEST_UNREACHABLE, FRAG_NEEDED, PROTO_ICMP, TIME_EXCEEDED},
     tunnel,
@@ -69,14 +70,17 @@ pub fn answer(ctx: &XdpContext, pkt: &TcpPacket, refusal: Refusal, from: u32) ->
     frame[6..12].copy_from_slice(&our_mac);
     frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
 
-    let ip = &mut frame[14..34];
-    let len = ANSWER_IP_LEN as u16;
-    ip.copy_from_slice(&[0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    ip[2..4].copy_from_slice(&len.to_be_bytes());
-    ip[12..16].copy_from_slice(&from.to_ne_bytes());
-    ip[16..20].copy_from_slice(&sender);
-    let ip_sum = 0x45c0 + len as u32 + (64 << 8 | PROTO_ICMP as u32) + words(from.to_ne_bytes()) + words(sender);
-    ip[10..12].copy_from_slice(&(!fold(ip_sum)).to_be_bytes());
+    let header = Ipv4Header {
+        tos: 0xc0,
+        len: ANSWER_IP_LEN as u16,
+        id: 0,
+        frag: 0,
+        ttl: 64,
+        proto: PROTO_ICMP,
+        src: from.to_ne_bytes(),
+        dst: sender,
+    };
+    header.write(&mut frame[14..34]);
 
     let icmp = &mut frame[34..ANSWER_LEN];
     icmp[0] = kind;

@@ -11,6 +11,7 @@ mod csum;
 mod decap;
 mod forward;
 mod icmp;
+mod ipv4;
 mod maps;
 mod nat;
 mod parse;

@@ -6,7 +6,7 @@ use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Flow, MODE_DSR_IPIP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::csum::{fold, words};
+use crate::ipv4::Ipv4Header;
 
 /// What the outer header adds to a packet.
 pub const IPIP_OVERHEAD: u16 = Ipv4Hdr::LEN as u16;
@@ -52,25 +52,16 @@ pub fn encapsulate(ctx: &XdpContext, flow: &Flow) -> Option<*mut EthHdr> {
     }
     let front = unsafe { &mut *(data as *mut [u8; FRONT]) };
     front[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let len = inner_len.wrapping_add(IPIP_OVERHEAD);
-    let (src, dst) = (flow.peer_addr.to_ne_bytes(), flow.nat_addr.to_ne_bytes());
-    let outer = &mut front[EthHdr::LEN..];
-    outer[0] = 0x45;
-    outer[1] = tos;
-    outer[2..4].copy_from_slice(&len.to_be_bytes());
-    outer[4..6].copy_from_slice(&id.to_be_bytes());
-    outer[6..8].copy_from_slice(&df.to_be_bytes());
-    outer[8] = OUTER_TTL;
-    outer[9] = PROTO_IPIP;
-    outer[12..16].copy_from_slice(&src);
-    outer[16..20].copy_from_slice(&dst);
-    let sum = (0x4500 | tos as u32)
-        + len as u32
-        + id as u32
-        + df as u32
-        + ((OUTER_TTL as u32) << 8 | PROTO_IPIP as u32)
-        + words(src)
-        + words(dst);
-    outer[10..12].copy_from_slice(&(!fold(sum)).to_be_bytes());
+    let outer = Ipv4Header {
+        tos,
+        len: inner_len.wrapping_add(IPIP_OVERHEAD),
+        id,
+        frag: df,
+        ttl: OUTER_TTL,
+        proto: PROTO_IPIP,
+        src: flow.peer_addr.to_ne_bytes(),
+        dst: flow.nat_addr.to_ne_bytes(),
+    };
+    outer.write(&mut front[EthHdr::LEN..]);
     Some(data as *mut EthHdr)
 }

@@ -22,6 +22,10 @@ use lb_common::{DecapStats, MAX_DECAP_VIPS};
 
 use super::{host_addr, kernel::OBJECT, wire_addr};
 
+/// The maps' names, which are also their pins' names in the directory.
+const VIPS_MAP: &str = "DECAP_VIPS";
+const STATS_MAP: &str = "DECAP_STATS";
+
 /// Where `lb decap` pins its state by default, one directory per interface.
 pub const DEFAULT_DECAP_DIR: &str = "/sys/fs/bpf/lb-decap";
 
@@ -52,11 +56,11 @@ impl Decap {
     }
 
     fn vips_map(&self) -> PathBuf {
-        self.dir.join("DECAP_VIPS")
+        self.dir.join(VIPS_MAP)
     }
 
     fn stats_map(&self) -> PathBuf {
-        self.dir.join("DECAP_STATS")
+        self.dir.join(STATS_MAP)
     }
 
     /// Attaches the program to `interface` (native mode, else generic)
@@ -163,8 +167,8 @@ impl DecapProgram {
             loader.map_max_entries(name, 1);
         }
         if let Some(dir) = pin_dir {
-            loader.map_pin_path("DECAP_VIPS", dir.join("DECAP_VIPS"));
-            loader.map_pin_path("DECAP_STATS", dir.join("DECAP_STATS"));
+            loader.map_pin_path(VIPS_MAP, dir.join(VIPS_MAP));
+            loader.map_pin_path(STATS_MAP, dir.join(STATS_MAP));
         }
         let mut ebpf = loader.load(OBJECT).context("loading the decapsulation program (are you root?)")?;
         let prog: &mut Xdp =
@@ -179,7 +183,7 @@ impl DecapProgram {
 
     pub fn set_vips(&mut self, vips: &[Ipv4Addr]) -> Result<()> {
         let mut map: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(self.ebpf.map_mut("DECAP_VIPS").context("map DECAP_VIPS missing")?)?;
+            HashMap::try_from(self.ebpf.map_mut(VIPS_MAP).context("map DECAP_VIPS missing")?)?;
         set_vips(&mut map, vips)
     }
 
