@@ -1,6 +1,7 @@
-//! `cargo xtask bench [micro|e2e|all]`: benchmarks, printed and, for `all`,
-//! written to BENCHMARKS.md with the plot next to it.
+//! `cargo xtask bench [micro|e2e|flood|all]`: benchmarks, printed and, for
+//! `all`, written to BENCHMARKS.md with the plot next to it.
 mod e2e;
+mod flood;
 mod micro;
 mod targets;
 
@@ -21,13 +22,15 @@ fn main() {
             let (e2e, checks) = e2e::run(None, &setup);
             print!("{e2e}\n{}", targets::table(&checks));
         }
+        "flood" => print!("{}", flood::run()),
         "all" => {
             let (micro, mut checks) = micro::run();
             let (e2e, e2e_checks) = e2e::run(Some(std::path::Path::new("docs/e2e.svg")), &setup);
             checks.extend(e2e_checks);
+            let flood = flood::run();
             let notes = std::fs::read_to_string("docs/benchmark-notes.md").unwrap_or_default();
             let report = format!(
-                "{}\n## The targets, checked against this run\n\n{}\n{notes}",
+                "{}\n## A spoofed SYN flood, in time\n\n`cargo xtask bench flood`. {flood}\n## The targets, checked against this run\n\n{}\n{notes}",
                 report(&micro, &e2e),
                 targets::table(&checks)
             );
@@ -35,7 +38,7 @@ fn main() {
             print!("{report}");
         }
         _ => {
-            eprintln!("usage: lb-bench [micro|e2e|all] [--queues N] [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N] [--ways lb,fullnat,dsr,nginx,haproxy,nft,plain]");
+            eprintln!("usage: lb-bench [micro|e2e|flood|all] [--queues N] [--cpus wrk=0-3,balancer=4-7,backends=8-15] [--pin-napi] [--rounds N] [--connections N] [--ways lb,fullnat,dsr,nginx,haproxy,nft,plain]");
             std::process::exit(2);
         }
     }

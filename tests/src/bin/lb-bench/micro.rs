@@ -94,12 +94,17 @@ fn new_flows(b: &Balancer) -> u64 {
 /// Runs the cases; returns the report as a Markdown table, and the checks
 /// against the targets.
 ///
-/// `LB_BENCH_ONLY=TEXT` runs only the cases whose name contains TEXT (for
-/// profiling one path); the scale figures come only with the full-table
-/// cases.
+/// `LB_BENCH_ONLY=TEXT` runs only the cases whose name contains TEXT, and
+/// `LB_BENCH_ONLY==NAME` only the case named exactly NAME (for profiling one
+/// path); the scale figures come only with the full-table cases.
+/// `LB_BENCH_TABLE=N` sizes the new-flow cases' table for N flows instead
+/// of 1,000,000 (how much of a SYN's cost is the table's size).
 pub fn run() -> (String, Vec<Check>) {
     let only = std::env::var("LB_BENCH_ONLY").ok();
-    let wanted = |case: &str| only.as_deref().is_none_or(|o| case.contains(o));
+    let wanted = |case: &str| match only.as_deref() {
+        None => true,
+        Some(o) => o.strip_prefix('=').map_or(case.contains(o), |exact| case == exact),
+    };
     let ns = routed_host(256);
     let mut scale: Option<(usize, std::time::Duration, std::time::Duration, Option<u64>, Option<u64>)> = None;
     let rows = ns.run(|| {
@@ -117,15 +122,14 @@ pub fn run() -> (String, Vec<Check>) {
 
         // One connection, then its packets both ways, each a little further
         // on in its sequence space as a real stream's are.
-        let chosen = lb_tests::routed::open(&b, 40000);
-        let case = "established client→backend";
-        if wanted(case) {
-            add(case, time(&b, &stream(|i| from_client(40000, ACK).seq(CLIENT_ISN + 1 + 6 * i)), XDP_REDIRECT));
+        let (forward_case, reply_case) = ("established client→backend", "reply backend→client");
+        let chosen = (wanted(forward_case) || wanted(reply_case)).then(|| lb_tests::routed::open(&b, 40000));
+        if wanted(forward_case) {
+            add(forward_case, time(&b, &stream(|i| from_client(40000, ACK).seq(CLIENT_ISN + 1 + 6 * i)), XDP_REDIRECT));
         }
-        let case = "reply backend→client";
-        if wanted(case) {
+        if let (true, Some(chosen)) = (wanted(reply_case), chosen) {
             let reply = stream(|i| from_backend(chosen, 40000, ACK).seq(BACKEND_ISN + 1 + 6 * i).ack(CLIENT_ISN + 1 + 6 * CALLS as u32));
-            add(case, time(&b, &reply, XDP_REDIRECT));
+            add(reply_case, time(&b, &reply, XDP_REDIRECT));
         }
 
         for backends in [3usize, 64, 256] {
@@ -133,7 +137,7 @@ pub fn run() -> (String, Vec<Check>) {
             if !wanted(&case) {
                 continue;
             }
-            let b = balancer(&vec![1; backends], 1_000_000);
+            let b = balancer(&vec![1; backends], std::env::var("LB_BENCH_TABLE").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000));
             let before = new_flows(&b);
             add(&case, time(&b, &syns(0, CALLS), XDP_REDIRECT));
             assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
