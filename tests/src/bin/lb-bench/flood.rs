@@ -1,17 +1,15 @@
 //! A spoofed SYN flood at the VIP (`cargo xtask bench flood`): what real
 //! clients see while it lasts, and how the flow table fills and empties, in
 //! time. The lab of the end-to-end tests (four echo backends, the agent in
-//! nat mode with its default timeouts and a table of `MAX_FLOWS`), four connections held through it,
-//! SYNs from random sources (`hping3 --rand-source -S`, paced) from the
-//! client's namespace for `FLOOD`, and `REAL_CLIENTS` real clients connecting one connection after
-//! another throughout. The agent's status is read every `SAMPLE`.
+//! nat mode with its default timeouts and a table of `MAX_FLOWS`), four
+//! connections held through it, SYNs from random sources (`hping3
+//! --rand-source -S`, paced) from the client's namespace for `FLOOD`, and
+//! `REAL_CLIENTS` real clients connecting one connection after another
+//! throughout. The agent's status is read every `SAMPLE`.
 use std::{
     fmt::Write as _,
     process::{Child, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -63,11 +61,10 @@ pub fn run() -> String {
     let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).expect("a held connection")).collect();
 
     let t0 = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = std::thread::scope(|scope| {
+    let stop = AtomicBool::new(false);
+    let (attempts, samples) = std::thread::scope(|scope| {
         let real_clients: Vec<_> = (0..REAL_CLIENTS).map(|_| {
-            let stop = stop.clone();
-            let client = &lab.client;
+            let (stop, client) = (&stop, &lab.client);
             scope.spawn(move || {
                 let mut attempts = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
@@ -116,7 +113,6 @@ pub fn run() -> String {
         attempts.sort_by_key(|a| a.began);
         (attempts, samples)
     });
-    let (attempts, samples) = attempts;
     let untouched = held.iter().all(|h| h.round_trip(b"untouched").is_ok_and(|r| r == b"untouched"));
     report(&samples, &attempts, untouched, &agent.status())
 }
