@@ -80,7 +80,7 @@ pub fn run() -> String {
                 attempts
             })
         }).collect();
-        let mut flood: Option<Child> = Some(spoofed_syn_flood(&lab.client, FLOOD));
+        let mut flood = spoofed_syn_flood(&lab.client, FLOOD);
         let mut samples = Vec::new();
         let end = FLOOD + SYN_TIMEOUT + AFTER;
         while t0.elapsed() < end {
@@ -96,17 +96,10 @@ pub fn run() -> String {
                 table_full: count(&status["counters"]["table_full"]),
                 evicted: count(&status["counters"]["evicted_for_room"]),
             });
-            if let Some(child) = flood.as_mut() {
-                if child.try_wait().ok().flatten().is_some() {
-                    flood = None;
-                }
-            }
             // The next sample on the next multiple of SAMPLE.
             std::thread::sleep((SAMPLE * samples.len() as u32).saturating_sub(t0.elapsed()));
         }
-        if let Some(mut child) = flood {
-            let _ = child.wait();
-        }
+        let _ = flood.wait();
         stop.store(true, Ordering::Relaxed);
         let mut attempts: Vec<Attempt> =
             real_clients.into_iter().flat_map(|c| c.join().expect("a real client's thread")).collect();
