@@ -43,7 +43,10 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     programs::XdpContext,
 };
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
+};
 use lb_common::{
     flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, Counter, Flow, FlowKey,
     Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
@@ -908,6 +911,12 @@ fn claim(entry: *mut Flow, observed: u32, reply: &Flow) -> bool {
 
 /// Ring entries one search for room looks at, at most.
 const ROOM_TRIES: u32 = 16;
+/// Entries whose flows are gone already that one search passes first, at
+/// most. The agent's aging under pressure removes a run of the oldest flows
+/// at once; were they looked at like live ones, every SYN once a flood has
+/// refilled the table would give up on 16 of them and be dropped, until
+/// the run was passed.
+const GONE_PASSES: u32 = 256;
 
 /// Writes a flow just opened into this CPU's ring of recent openings.
 #[inline(always)]
@@ -940,7 +949,8 @@ fn remember(key: &FlowKey) {
 /// established ones in use, are passed for good; a half-open flow still
 /// young ends the search, since every later one is younger. Under a SYN
 /// flood the flood's own oldest flows make room for real clients; with no
-/// agent running, closed flows do. O(1): at most `ROOM_TRIES` entries.
+/// agent running, closed flows do. O(1): at most `GONE_PASSES` entries
+/// whose flows are gone, then `ROOM_TRIES`.
 #[inline(always)]
 fn make_room(now: u64) -> bool {
     let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
@@ -948,6 +958,7 @@ fn make_room(now: u64) -> bool {
     };
     let ring = clock.opened_ring;
     let c = unsafe { &mut *cursor };
+    pass_gone();
     let mut victim = None;
     for _ in 0..ROOM_TRIES {
         if c.pending == 0 || c.evict >= ring {
@@ -983,6 +994,34 @@ fn make_room(now: u64) -> bool {
         stats::count(Counter::Evicted);
     }
     freed
+}
+
+/// Passes this CPU's oldest ring entries whose flows are gone already, up
+/// to `GONE_PASSES`. A `bpf_loop`: the verifier checks its callback once,
+/// where a loop this long would be checked turn by turn.
+#[inline(always)]
+fn pass_gone() {
+    unsafe { bpf_loop(GONE_PASSES, pass_if_gone as *mut c_void, core::ptr::null_mut(), 0) };
+}
+
+/// One turn of `pass_gone`: 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn pass_if_gone(_turn: u64, _context: *mut c_void) -> i64 {
+    let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
+        return 1;
+    };
+    let ring = clock.opened_ring;
+    let c = unsafe { &mut *cursor };
+    if c.pending == 0 || c.evict >= ring {
+        return 1;
+    }
+    match OPENED.get(c.evict) {
+        Some(key) if unsafe { FLOWS.get(key) }.is_none() => {}
+        _ => return 1,
+    }
+    c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
+    c.pending -= 1;
+    0
 }
 
 /// Closes a live flow at the agent's request (its backend died and the

@@ -135,6 +135,17 @@ pub fn with_balancer_scheduling<T: Send>(
     ns.run(move || test(&mut balancer_scheduling(&weights, 1024, scheduler)))
 }
 
+/// Keeps the calling thread on CPU 0 from now on: the program keeps some
+/// state per CPU (each CPU's ring of the flows it opened), which a test
+/// following it must not see change under it.
+pub fn on_one_cpu() {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "sched_setaffinity");
+    }
+}
+
 /// The program's verdict on `frame`, and the frame it let out.
 pub fn run(b: &Balancer, frame: &[u8]) -> (u32, Vec<u8>) {
     b.datapath.run_packet(frame).expect("BPF_PROG_TEST_RUN")

@@ -7,12 +7,12 @@ use std::net::SocketAddrV4;
 
 use lb::{
     config::{BackendConfig, ServiceConfig},
-    datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
-use lb_common::Counter;
+use lb_common::{Counter, FlowKey, Timeouts, DIR_FORWARD};
 use lb_tests::{
     packet::{inspect, Tcp, ACK, FIN, PSH, RST, SYN},
-    routed::{active, backend, client, counter, half_open, run, with_balancer, with_table, Conn, VIP},
+    routed::{active, backend, client, counter, half_open, on_one_cpu, run, with_balancer, with_table, Conn, VIP},
 };
 
 /// Initial sequence numbers chosen to sit near the wrap of the sequence
@@ -268,6 +268,7 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
 #[test]
 fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
     with_table(&[1], 4, |b| {
+        on_one_cpu();
         let mut conns: Vec<Conn> = (0..4).map(|i| Conn::open(b, 62000 + i, ISN, BACKEND_ISN)).collect();
         // Four established flows fill it: nothing may go.
         assert_eq!(Conn::syn(b, 62010, ISN).0, XDP_DROP);
@@ -290,5 +291,42 @@ fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
         for conn in &mut conns[1..] {
             assert_eq!(conn.send_client(b, ACK | PSH, b"still here").0, XDP_REDIRECT);
         }
+    });
+}
+
+#[test]
+fn a_full_table_still_makes_room_after_the_agent_aged_a_run_of_its_oldest_flows() {
+    with_table(&[1], 40, |b| {
+        on_one_cpu();
+        // A flood's SYNs fill the table and stay unanswered past the time a
+        // full table may evict half-open flows.
+        let flood = |ports: std::ops::Range<u16>| {
+            for port in ports {
+                assert_eq!(Conn::syn(b, port, ISN).0, XDP_REDIRECT, "SYN from port {port}");
+            }
+        };
+        flood(63000..63040);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // The agent, aging under pressure, removes the 30 oldest: the first
+        // 30 entries of this CPU's ring of openings now name no flow.
+        let oldest: Vec<FlowKey> = b
+            .datapath
+            .flows()
+            .into_iter()
+            .filter(|(key, flow)| flow.direction == DIR_FORWARD && u16::from_be(key.sport) < 63030)
+            .map(|(key, _)| key)
+            .collect();
+        let at_once = Timeouts { syn: 0, ..Timeouts::default() };
+        assert_eq!(b.datapath.expire(&oldest, &at_once).unwrap(), 30);
+        // The flood takes the room at once.
+        flood(63040..63070);
+        assert_eq!(counter(b, Counter::TableFull), 0);
+        // A real client's SYN finds the table full: a flood flow idle past
+        // a second (63030) must go for it, however many gone ones come first.
+        let (verdict, _) = Conn::syn(b, 64000, ISN);
+        assert_eq!(verdict, XDP_REDIRECT, "the real client's SYN");
+        assert_eq!((counter(b, Counter::TableFull), counter(b, Counter::Evicted)), (0, 1));
+        let (_, differing) = b.verify_counts().unwrap();
+        assert!(differing.is_empty(), "{differing:?}");
     });
 }
