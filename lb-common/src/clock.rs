@@ -24,7 +24,9 @@ pub struct Clock {
     /// Entries of each CPU's ring of recently opened flows (`OPENED`): the
     /// candidates a full table evicts first, oldest first.
     pub opened_ring: u32,
-    pub _pad: u32,
+    /// CPUs that may run the program (the per-CPU maps' count): a CPU whose
+    /// own ring has no victim looks at another's.
+    pub cpus: u32,
 }
 
 /// How long a half-open flow must have been idle before a SYN that finds the
@@ -41,7 +43,7 @@ impl Clock {
             touch_every: (ticks_per_second / 4).max(1),
             evict: Timeouts::default(),
             opened_ring: 0,
-            _pad: 0,
+            cpus: 0,
         };
         let evict = Timeouts { syn: timeouts.syn.min(EVICT_HALF_OPEN_NS), closed: 0, ..*timeouts };
         clock.evict = clock.timeouts(&evict);

@@ -45,10 +45,10 @@ use aya_ebpf::{
 };
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_loop},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
 };
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, Counter, Flow, FlowKey,
+    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, Clock, Counter, Flow, FlowKey, RingCursor,
     Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
     MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
@@ -58,7 +58,7 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, SERVICES},
+    maps::{RoomSearch, ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
     nat::csum_diffs,
     parse::{tcp_options, TcpOptions, TcpPacket},
     schedule, stats,
@@ -909,13 +909,13 @@ fn claim(entry: *mut Flow, observed: u32, reply: &Flow) -> bool {
     true
 }
 
-/// Ring entries one search for room looks at, at most.
+/// Flows one search for room passes, at most, in one CPU's ring.
 const ROOM_TRIES: u32 = 16;
-/// Entries whose flows are gone already that one search passes first, at
-/// most. The agent's aging under pressure removes a run of the oldest flows
-/// at once; were they looked at like live ones, every SYN once a flood has
-/// refilled the table would give up on 16 of them and be dropped, until
-/// the run was passed.
+/// Entries whose flows are gone already that one search passes on top, at
+/// most. The agent's aging removes a run of the oldest flows at once; were
+/// they judged like live ones, every SYN once a flood has refilled the
+/// table would give up on 16 of them and be dropped, until the run was
+/// passed.
 const GONE_PASSES: u32 = 256;
 
 /// Writes a flow just opened into this CPU's ring of recent openings.
@@ -949,79 +949,188 @@ fn remember(key: &FlowKey) {
 /// established ones in use, are passed for good; a half-open flow still
 /// young ends the search, since every later one is younger. Under a SYN
 /// flood the flood's own oldest flows make room for real clients; with no
-/// agent running, closed flows do. O(1): at most `GONE_PASSES` entries
-/// whose flows are gone, then `ROOM_TRIES`.
+/// agent running, closed flows do. When this CPU's own flows have none to
+/// give (the flood's SYNs arrive on another CPU), another CPU's are
+/// searched the same way (`another_cpus_victim`). O(1): at most
+/// `ROOM_TRIES` flows and `GONE_PASSES` gone ones in each of two rings.
 #[inline(always)]
 fn make_room(now: u64) -> bool {
-    let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
+    find_victim(now) && evict_victim(now)
+}
+
+/// The search, and then the eviction, are each a function of their own in
+/// the program (BPF-to-BPF calls), called from the packet path: the
+/// verifier checks them once per call site instead of once per path through
+/// the packet path, and neither's stack adds to the other's, nor to the
+/// search's `bpf_loop` turns', within the 512 bytes the packet path leaves.
+#[inline(never)]
+fn find_victim(now: u64) -> bool {
+    own_victim(now) || another_cpus_victim(now)
+}
+
+#[inline(never)]
+fn evict_victim(now: u64) -> bool {
+    let (Some(clock), Some(search)) = (CLOCK.get(0), ROOM_SEARCH.get_ptr(0)) else {
         return false;
     };
-    let ring = clock.opened_ring;
-    let c = unsafe { &mut *cursor };
-    pass_gone();
-    let mut victim = None;
-    for _ in 0..ROOM_TRIES {
-        if c.pending == 0 || c.evict >= ring {
-            break;
-        }
-        let Some(key) = OPENED.get(c.evict).copied() else { break };
-        let dead = match unsafe { FLOWS.get(&key) } {
-            Some(flow) if flow.direction == DIR_FORWARD => {
-                let idle = now.saturating_sub(flow.last_seen);
-                if idle >= flow_timeout(&clock.evict, flow.state, flow.mode) {
-                    true
-                } else if flow.state & FLOW_ESTABLISHED == 0 && !flow_closed(flow.state) {
-                    break; // young and half-open: so are all after it
-                } else {
-                    false
-                }
-            }
-            _ => false,
-        };
-        if dead {
-            victim = Some(key);
-            break;
-        }
-        c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
-        c.pending -= 1;
-    }
-    let Some(key) = victim else { return false };
-    // Passed whether or not it goes: a packet that kept it proved it alive.
-    c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
-    c.pending -= 1;
-    let freed = expire(&key, &clock.evict, now);
+    // The victim stays in this CPU's search: nothing in `expire` searches.
+    let freed = expire(unsafe { &(*search).victim }, &clock.evict, now);
     if freed {
         stats::count(Counter::Evicted);
     }
     freed
 }
 
-/// Passes this CPU's oldest ring entries whose flows are gone already, up
-/// to `GONE_PASSES`. A `bpf_loop`: the verifier checks its callback once,
-/// where a loop this long would be checked turn by turn.
+/// Finds a dead flow among the oldest this CPU opened (into
+/// `RoomSearch::victim`). The search moves this CPU's cursor on past what it
+/// passed, and past the victim too: a packet that keeps it alive proves it
+/// alive.
 #[inline(always)]
-fn pass_gone() {
-    unsafe { bpf_loop(GONE_PASSES, pass_if_gone as *mut c_void, core::ptr::null_mut(), 0) };
+fn own_victim(now: u64) -> bool {
+    let Some(cursor) = OPENED_CURSOR.get_ptr_mut(0) else { return false };
+    let c = unsafe { &mut *cursor };
+    let Some(search) = search_ring(now, unsafe { bpf_get_smp_processor_id() }, c.evict, c.pending) else {
+        return false;
+    };
+    let search = unsafe { &*search };
+    c.evict = search.at;
+    c.pending = search.left;
+    search.found != 0
 }
 
-/// One turn of `pass_gone`: 0 to go on, 1 to stop.
+/// Finds a dead flow among the oldest another CPU opened, for a CPU whose own
+/// have none to give: its SYNs would otherwise all be dropped while a flood
+/// arriving on other CPUs fills the table. The search goes through the
+/// other CPU's ring as that CPU's own would, from where this CPU last took
+/// from it, and keeps its place in this CPU's `RoomSearch`; the other CPU's
+/// cursor is only read. A read that races with the other CPU's writes at
+/// worst judges a different flow, which must still be dead, and `expire`
+/// removes a flow atomically, so two CPUs choosing the same one free it
+/// once.
+#[inline(always)]
+fn another_cpus_victim(now: u64) -> bool {
+    let (Some(clock), Some(place)) = (CLOCK.get(0), ROOM_SEARCH.get_ptr(0)) else {
+        return false;
+    };
+    let (cpus, ring) = (clock.cpus, clock.opened_ring);
+    let me = unsafe { bpf_get_smp_processor_id() };
+    if cpus < 2 || ring == 0 {
+        return false;
+    }
+    let (mut other, mut at) = unsafe { ((*place).steal_cpu, (*place).steal_at) };
+    if other == me || other >= cpus {
+        other = (me + 1 + random() % (cpus - 1)) % cpus;
+        at = u32::MAX;
+    }
+    let first = 0u32;
+    let cursor = unsafe { percpu_elem(&OPENED_CURSOR as *const _ as *mut c_void, &first, other) } as *const RingCursor;
+    if cursor.is_null() {
+        return false;
+    }
+    let (evict, pending) =
+        unsafe { (core::ptr::read_volatile(&(*cursor).evict), core::ptr::read_volatile(&(*cursor).pending)) };
+    // Where this CPU left off, if the other CPU's own search has not passed
+    // it since; else the other CPU's oldest.
+    let ahead = if at < ring && evict < ring { (at + ring - evict) % ring } else { u32::MAX };
+    let (at, left) = if ahead < pending { (at, pending - ahead) } else { (evict, pending) };
+    let Some(search) = search_ring(now, other, at, left) else { return false };
+    let search = unsafe { &mut *search };
+    search.steal_at = search.at;
+    // Nothing there: another CPU, at random, next time.
+    search.steal_cpu = if search.found != 0 { other } else { u32::MAX };
+    search.found != 0
+}
+
+/// Searches `cpu`'s ring for room from entry `at`, with `left` entries to
+/// go, one entry a turn of a `bpf_loop` (`search_turn`): the verifier
+/// checks the turn once, where a loop would be checked turn by turn.
+#[inline(always)]
+fn search_ring(now: u64, cpu: u32, at: u32, left: u32) -> Option<*mut RoomSearch> {
+    let search = ROOM_SEARCH.get_ptr_mut(0)?;
+    unsafe {
+        let s = &mut *search;
+        (s.now, s.cpu, s.at, s.left, s.judged, s.found) = (now, cpu, at, left, 0, 0);
+        bpf_loop(ROOM_TRIES + GONE_PASSES, search_turn as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    Some(search)
+}
+
+/// One turn of `search_ring`: 0 to go on, 1 to stop.
 #[inline(never)]
-extern "C" fn pass_if_gone(_turn: u64, _context: *mut c_void) -> i64 {
-    let (Some(clock), Some(cursor)) = (CLOCK.get(0), OPENED_CURSOR.get_ptr_mut(0)) else {
+extern "C" fn search_turn(_turn: u64, _context: *mut c_void) -> i64 {
+    let (Some(clock), Some(search)) = (CLOCK.get(0), ROOM_SEARCH.get_ptr_mut(0)) else {
         return 1;
     };
+    let s = unsafe { &mut *search };
     let ring = clock.opened_ring;
-    let c = unsafe { &mut *cursor };
-    if c.pending == 0 || c.evict >= ring {
+    if s.left == 0 || s.at >= ring || s.judged >= ROOM_TRIES {
         return 1;
     }
-    match OPENED.get(c.evict) {
-        Some(key) if unsafe { FLOWS.get(key) }.is_none() => {}
-        _ => return 1,
+    let slot = unsafe { percpu_elem(&OPENED as *const _ as *mut c_void, &s.at, s.cpu) } as *const FlowKey;
+    if slot.is_null() {
+        return 1;
     }
-    c.evict = if c.evict + 1 >= ring { 0 } else { c.evict + 1 };
-    c.pending -= 1;
-    0
+    // Judged in a copy (another CPU may be writing the entry), kept in the
+    // search rather than on the stack, which has no room to spare.
+    s.victim = unsafe { *slot };
+    let candidate = judge(&s.victim, clock, s.now);
+    if matches!(candidate, Candidate::Young) {
+        return 1; // so are all after it
+    }
+    s.at = if s.at + 1 >= ring { 0 } else { s.at + 1 };
+    s.left -= 1;
+    match candidate {
+        Candidate::Dead => {
+            s.found = 1;
+            1
+        }
+        Candidate::Passed => {
+            s.judged += 1;
+            0
+        }
+        _ => 0,
+    }
+}
+
+/// What a search for room makes of a ring entry's flow.
+enum Candidate {
+    /// Closed, or idle past its state's eviction timeout: it may go.
+    Dead,
+    /// Half-open and not idle long enough yet.
+    Young,
+    /// Established and in use.
+    Passed,
+    /// No longer in the table.
+    Gone,
+}
+
+#[inline(always)]
+fn judge(key: &FlowKey, clock: &Clock, now: u64) -> Candidate {
+    match unsafe { FLOWS.get(key) } {
+        Some(flow) if flow.direction == DIR_FORWARD => {
+            let idle = now.saturating_sub(flow.last_seen);
+            if idle >= flow_timeout(&clock.evict, flow.state, flow.mode) {
+                Candidate::Dead
+            } else if flow.state & FLOW_ESTABLISHED == 0 && !flow_closed(flow.state) {
+                Candidate::Young
+            } else {
+                Candidate::Passed
+            }
+        }
+        Some(_) => Candidate::Passed,
+        None => Candidate::Gone,
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// `cpu`'s value at `key` in a per-CPU map (`bpf_map_lookup_percpu_elem`).
+#[inline(always)]
+unsafe fn percpu_elem(map: *mut c_void, key: &u32, cpu: u32) -> *mut c_void {
+    bpf_map_lookup_percpu_elem(map, key as *const u32 as *const c_void, cpu)
 }
 
 /// Closes a live flow at the agent's request (its backend died and the

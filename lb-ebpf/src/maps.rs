@@ -88,3 +88,26 @@ pub struct OpenScratch {
 
 #[map]
 pub static OPEN_SCRATCH: PerCpuArray<OpenScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's search for room in a full table (`conntrack::make_room`): the
+/// state of the search under way, which its `bpf_loop` turns share, and
+/// where in another CPU's ring this CPU last took room from. Not pinned.
+#[repr(C)]
+pub struct RoomSearch {
+    pub now: u64,
+    /// Whose ring, where the search is, and how many entries it has to go.
+    pub cpu: u32,
+    pub at: u32,
+    pub left: u32,
+    /// Live flows passed so far.
+    pub judged: u32,
+    pub found: u32,
+    pub victim: FlowKey,
+    /// The CPU this one last took room from (none: `u32::MAX` or itself),
+    /// and where it got to in that CPU's ring.
+    pub steal_cpu: u32,
+    pub steal_at: u32,
+}
+
+#[map]
+pub static ROOM_SEARCH: PerCpuArray<RoomSearch> = PerCpuArray::with_max_entries(1, 0);

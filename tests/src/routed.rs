@@ -135,14 +135,15 @@ pub fn with_balancer_scheduling<T: Send>(
     ns.run(move || test(&mut balancer_scheduling(&weights, 1024, scheduler)))
 }
 
-/// Keeps the calling thread on CPU 0 from now on: the program keeps some
+/// Keeps the calling thread on `cpu` from now on: the program keeps some
 /// state per CPU (each CPU's ring of the flows it opened), which a test
 /// following it must not see change under it.
-pub fn on_one_cpu() {
+pub fn on_cpu(cpu: usize) {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "sched_setaffinity");
+        libc::CPU_SET(cpu, &mut set);
+        let pinned = libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        assert_eq!(pinned, 0, "sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
     }
 }
 

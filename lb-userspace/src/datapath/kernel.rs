@@ -47,6 +47,8 @@ pub struct Datapath {
     clock: Clock,
     /// Entries of each CPU's ring of recently opened flows.
     opened_ring: u32,
+    /// CPUs the per-CPU maps hold a value for.
+    cpus: u32,
     /// The program's `lb trace` records (aya-log), and the lines read from
     /// them.
     trace_log: Option<aya_log::EbpfLogger<TraceSink>>,
@@ -217,6 +219,7 @@ impl Datapath {
             max_services,
             clock: Clock::default(),
             opened_ring,
+            cpus,
             trace_log,
             trace_lines,
             ebpf,
@@ -307,6 +310,7 @@ impl Datapath {
 
     fn write_clock(&mut self, mut clock: Clock) -> Result<()> {
         clock.opened_ring = self.opened_ring;
+        clock.cpus = self.cpus;
         let mut map: Array<&mut MapData, Clock> =
             Array::try_from(self.ebpf.map_mut("CLOCK").context("map CLOCK missing from the object")?)?;
         map.set(0, clock, 0)?;

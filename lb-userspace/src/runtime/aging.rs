@@ -18,9 +18,9 @@ use crate::{
     reconcile::Balancer,
 };
 
-/// Above this share of the connection table in use, or while full-NAT SYNs
-/// find no free source port, half-open flows are aged after
-/// `PRESSURE_SYN_TIMEOUT_NS`.
+/// Above this share of the connection table in use while SYNs find no room
+/// in it, or while full-NAT SYNs find no free source port, half-open flows
+/// are aged after `PRESSURE_SYN_TIMEOUT_NS`.
 const PRESSURE: f64 = 0.9;
 const PRESSURE_SYN_TIMEOUT_NS: u64 = 2_000_000_000;
 /// How long after a full-NAT SYN last found no free port the ports still
@@ -37,6 +37,8 @@ pub struct Aging {
     next_scan: Instant,
     scans: u64,
     pressure_warned: Option<Instant>,
+    /// `table_full` at the last scan.
+    table_full: u64,
     /// `snat_ports_exhausted` at the last scan, and when it last rose.
     ports_exhausted: u64,
     ports_scarce_at: Option<Instant>,
@@ -50,6 +52,7 @@ impl Aging {
             next_scan: Instant::now(),
             scans: 0,
             pressure_warned: None,
+            table_full: 0,
             ports_exhausted: 0,
             ports_scarce_at: None,
         }
@@ -62,19 +65,29 @@ impl Aging {
             return;
         }
         let occupancy = b.flows_seen as f64 / b.datapath.max_flows() as f64;
+        let counters = b.datapath.counters().ok();
+        let counter = |c: Counter| counters.map_or(0, |all| all[c as usize]);
+        // A full table makes room itself for each SYN, from the oldest dead
+        // flows its CPU opened. The agent steps in only where that fails
+        // (a CPU whose own flows are all alive, say): ageing a run of the
+        // oldest flows at once, where the data path was taking them one by
+        // one, leaves it a run of entries to pass before its next victim.
+        let full_table = counter(Counter::TableFull);
+        let table_short = occupancy > PRESSURE && full_table > self.table_full;
+        self.table_full = full_table;
         // Full NAT's source ports run out before the table does: a flood
         // from random sources takes one a flow. Its flows must not hold them
         // for the whole `syn` timeout, or no real client gets one meanwhile.
         // Held for a while after the last SYN that found none: between two
         // scans the only SYNs may be a real client's retries, seconds apart.
-        let exhausted = b.datapath.counters().map_or(0, |c| c[Counter::SnatPortsExhausted as usize]);
+        let exhausted = counter(Counter::SnatPortsExhausted);
         if exhausted > self.ports_exhausted {
             self.ports_scarce_at = Some(Instant::now());
         }
         self.ports_exhausted = exhausted;
         let ports_scarce = self.ports_scarce_at.is_some_and(|at| at.elapsed() < PORT_PRESSURE_HOLD);
         let mut t = self.timeouts;
-        if occupancy > PRESSURE || ports_scarce {
+        if table_short || ports_scarce {
             // Half-open flows (a SYN flood, say) go first, so that
             // established ones never have to make room.
             t.syn = t.syn.min(PRESSURE_SYN_TIMEOUT_NS);

@@ -12,7 +12,7 @@ use lb::{
 use lb_common::{Counter, FlowKey, Timeouts, DIR_FORWARD};
 use lb_tests::{
     packet::{inspect, Tcp, ACK, FIN, PSH, RST, SYN},
-    routed::{active, backend, client, counter, half_open, on_one_cpu, run, with_balancer, with_table, Conn, VIP},
+    routed::{active, backend, client, counter, half_open, on_cpu, run, with_balancer, with_table, Conn, VIP},
 };
 
 /// Initial sequence numbers chosen to sit near the wrap of the sequence
@@ -268,7 +268,7 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
 #[test]
 fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
     with_table(&[1], 4, |b| {
-        on_one_cpu();
+        on_cpu(0);
         let mut conns: Vec<Conn> = (0..4).map(|i| Conn::open(b, 62000 + i, ISN, BACKEND_ISN)).collect();
         // Four established flows fill it: nothing may go.
         assert_eq!(Conn::syn(b, 62010, ISN).0, XDP_DROP);
@@ -297,7 +297,7 @@ fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
 #[test]
 fn a_full_table_still_makes_room_after_the_agent_aged_a_run_of_its_oldest_flows() {
     with_table(&[1], 40, |b| {
-        on_one_cpu();
+        on_cpu(0);
         // A flood's SYNs fill the table and stay unanswered past the time a
         // full table may evict half-open flows.
         let flood = |ports: std::ops::Range<u16>| {
@@ -326,6 +326,31 @@ fn a_full_table_still_makes_room_after_the_agent_aged_a_run_of_its_oldest_flows(
         let (verdict, _) = Conn::syn(b, 64000, ISN);
         assert_eq!(verdict, XDP_REDIRECT, "the real client's SYN");
         assert_eq!((counter(b, Counter::TableFull), counter(b, Counter::Evicted)), (0, 1));
+        let (_, differing) = b.verify_counts().unwrap();
+        assert!(differing.is_empty(), "{differing:?}");
+    });
+}
+
+#[test]
+fn a_cpu_whose_own_flows_are_all_alive_makes_room_from_another_cpus() {
+    with_table(&[1], 8, |b| {
+        // The flood arrives on CPU 1 and fills the table; the flows CPU 0
+        // opened are established and in use.
+        on_cpu(0);
+        let mut real = Conn::open(b, 62000, ISN, BACKEND_ISN);
+        on_cpu(1);
+        for port in 63000..63007 {
+            assert_eq!(Conn::syn(b, port, ISN).0, XDP_REDIRECT, "SYN from port {port}");
+        }
+        on_cpu(0);
+        assert_eq!(Conn::syn(b, 64000, ISN).0, XDP_DROP, "the flood's flows are young");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // A real client's SYN on CPU 0: nothing of CPU 0's may go, so one
+        // of CPU 1's idle half-open flows does.
+        assert_eq!(Conn::syn(b, 64001, ISN).0, XDP_REDIRECT, "the real client's SYN");
+        assert_eq!((counter(b, Counter::TableFull), counter(b, Counter::Evicted)), (1, 1));
+        assert_eq!(real.send_client(b, ACK | PSH, b"still here").0, XDP_REDIRECT);
+        assert_eq!((active(b), half_open(b)), (vec![1], vec![7]), "counts follow what was evicted");
         let (_, differing) = b.verify_counts().unwrap();
         assert!(differing.is_empty(), "{differing:?}");
     });
