@@ -1030,9 +1030,17 @@ fn another_cpus_victim(now: u64) -> bool {
     let (evict, pending) =
         unsafe { (core::ptr::read_volatile(&(*cursor).evict), core::ptr::read_volatile(&(*cursor).pending)) };
     // Where this CPU left off, if the other CPU's own search has not passed
-    // it since; else the other CPU's oldest.
+    // it since; else a little after the other CPU's oldest, where its own
+    // search, taking its oldest SYN after SYN under a flood, will not get
+    // for a while: two CPUs choosing the same victim at once free it once,
+    // and one of their SYNs is dropped.
     let ahead = if at < ring && evict < ring { (at + ring - evict) % ring } else { u32::MAX };
-    let (at, left) = if ahead < pending { (at, pending - ahead) } else { (evict, pending) };
+    let (at, left) = if ahead < pending {
+        (at, pending - ahead)
+    } else {
+        let skip = (pending / 2).min(STEAL_HEADSTART);
+        ((evict + skip) % ring, pending - skip)
+    };
     let Some(search) = search_ring(now, other, at, left) else { return false };
     let search = unsafe { &mut *search };
     search.steal_at = search.at;
@@ -1040,6 +1048,10 @@ fn another_cpus_victim(now: u64) -> bool {
     search.steal_cpu = if search.found != 0 { other } else { u32::MAX };
     search.found != 0
 }
+
+/// How far past another CPU's oldest flow a search of its ring starts, at
+/// most.
+const STEAL_HEADSTART: u32 = 1024;
 
 /// Searches `cpu`'s ring for room from entry `at`, with `left` entries to
 /// go, one entry a turn of a `bpf_loop` (`search_turn`): the verifier
