@@ -31,7 +31,8 @@
 //! (`judge_client_close`).
 //!
 //! A SYN that finds the table full makes room from this CPU's ring of
-//! recent openings, oldest first (`make_room`).
+//! recent openings, oldest first, or failing that from another CPU's
+//! (`make_room`).
 //!
 //! A half-open flow counts in the high half of its slot's count, an
 //! established one in the low half (`HALF_OPEN_ONE`): least connections
