@@ -1101,7 +1101,7 @@ extern "C" fn search_turn(_turn: u64, _context: *mut c_void) -> i64 {
             s.judged += 1;
             0
         }
-        _ => 0,
+        Candidate::Gone | Candidate::Young => 0,
     }
 }
 
@@ -1111,7 +1111,7 @@ enum Candidate {
     Dead,
     /// Half-open and not idle long enough yet.
     Young,
-    /// Established and in use.
+    /// Established and in use, or the key is not a forward entry's now.
     Passed,
     /// No longer in the table.
     Gone,

@@ -68,10 +68,11 @@ impl Aging {
         let counters = b.datapath.counters().ok();
         let counter = |c: Counter| counters.map_or(0, |all| all[c as usize]);
         // A full table makes room itself for each SYN, from the oldest dead
-        // flows its CPU opened. The agent steps in only where that fails
-        // (a CPU whose own flows are all alive, say): ageing a run of the
-        // oldest flows at once, where the data path was taking them one by
-        // one, leaves it a run of entries to pass before its next victim.
+        // flows the CPUs opened. The agent steps in only where that fails
+        // (every flow alive, or too young to go): aging a run of the oldest
+        // flows at once, where the data path was taking them one by one,
+        // leaves it a run of gone entries to pass before its next victim.
+        // (A new agent's first scan may see an old rise once: harmless.)
         let full_table = counter(Counter::TableFull);
         let table_short = occupancy > PRESSURE && full_table > self.table_full;
         self.table_full = full_table;
