@@ -693,11 +693,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             unsafe { *entry = *forward };
         }
         None => {
-            let mut inserted = FLOWS.insert(key, &*forward, BPF_NOEXIST as u64);
-            if matches!(inserted, Err(e) if e != -EEXIST) && make_room(now) {
-                inserted = FLOWS.insert(key, &*forward, BPF_NOEXIST as u64);
-            }
-            if let Err(e) = inserted {
+            if let Err(e) = insert_making_room(key, forward, BPF_NOEXIST as u64, now) {
                 // EEXIST: another CPU opened the same flow a moment ago.
                 give_back(&reply_key);
                 return Opened::Drop((e != -EEXIST).then_some(Counter::TableFull));
@@ -710,11 +706,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         // A full-NAT flow's reply entry is in already; DSR has none.
         return Opened::Flow(&scratch.forward);
     }
-    let mut inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
-    if inserted.is_err() && make_room(now) {
-        inserted = FLOWS.insert(&reply_key, reply, BPF_ANY as u64);
-    }
-    if inserted.is_err() {
+    if insert_making_room(&reply_key, reply, BPF_ANY as u64, now).is_err() {
         // Without its reply entry the flow cannot work: close it again.
         if let Some(entry) = FLOWS.get_ptr_mut(key) {
             mark(entry, FLOW_RESET);
@@ -910,14 +902,38 @@ fn claim(entry: *mut Flow, observed: u32, reply: &Flow) -> bool {
     true
 }
 
+/// Inserts `value` under `key`, making room when the table is full, up to
+/// `ROOM_ROUNDS` times while victims are found. Under a flood two CPUs can
+/// choose the same victim, which goes once, or the room one CPU made can be
+/// taken by the other's SYN before its own insert: the next round takes the
+/// next victim.
+#[inline(always)]
+fn insert_making_room(key: &FlowKey, value: &Flow, flags: u64, now: u64) -> Result<(), i32> {
+    let mut inserted = FLOWS.insert(key, value, flags);
+    for _ in 0..ROOM_ROUNDS {
+        match inserted {
+            Err(e) if e != -EEXIST && find_victim(now) => {
+                evict_victim(now);
+                inserted = FLOWS.insert(key, value, flags);
+            }
+            _ => break,
+        }
+    }
+    inserted
+}
+
+const ROOM_ROUNDS: u32 = 4;
+
 /// Flows one search for room passes, at most, in one CPU's ring.
 const ROOM_TRIES: u32 = 16;
 /// Entries whose flows are gone already that one search passes on top, at
-/// most. The agent's aging removes a run of the oldest flows at once; were
-/// they judged like live ones, every SYN once a flood has refilled the
-/// table would give up on 16 of them and be dropped, until the run was
-/// passed.
-const GONE_PASSES: u32 = 256;
+/// most. The agent's aging removes a run of the oldest flows at once (a few
+/// thousand under a flood); were they judged like live ones, every SYN once
+/// the flood has refilled the table would give up on 16 of them and be
+/// dropped, until the run was passed. Each entry is passed once, so a run
+/// costs the same however it is split; on one packet, at most about half a
+/// millisecond on the test machines.
+const GONE_PASSES: u32 = 4096;
 
 /// Writes a flow just opened into this CPU's ring of recent openings.
 #[inline(always)]
@@ -1031,17 +1047,9 @@ fn another_cpus_victim(now: u64) -> bool {
     let (evict, pending) =
         unsafe { (core::ptr::read_volatile(&(*cursor).evict), core::ptr::read_volatile(&(*cursor).pending)) };
     // Where this CPU left off, if the other CPU's own search has not passed
-    // it since; else a little after the other CPU's oldest, where its own
-    // search, taking its oldest SYN after SYN under a flood, will not get
-    // for a while: two CPUs choosing the same victim at once free it once,
-    // and one of their SYNs is dropped.
+    // it since; else the other CPU's oldest.
     let ahead = if at < ring && evict < ring { (at + ring - evict) % ring } else { u32::MAX };
-    let (at, left) = if ahead < pending {
-        (at, pending - ahead)
-    } else {
-        let skip = (pending / 2).min(STEAL_HEADSTART);
-        ((evict + skip) % ring, pending - skip)
-    };
+    let (at, left) = if ahead < pending { (at, pending - ahead) } else { (evict, pending) };
     let Some(search) = search_ring(now, other, at, left) else { return false };
     let search = unsafe { &mut *search };
     search.steal_at = search.at;
@@ -1049,10 +1057,6 @@ fn another_cpus_victim(now: u64) -> bool {
     search.steal_cpu = if search.found != 0 { other } else { u32::MAX };
     search.found != 0
 }
-
-/// How far past another CPU's oldest flow a search of its ring starts, at
-/// most.
-const STEAL_HEADSTART: u32 = 1024;
 
 /// Searches `cpu`'s ring for room from entry `at`, with `left` entries to
 /// go, one entry a turn of a `bpf_loop` (`search_turn`): the verifier
