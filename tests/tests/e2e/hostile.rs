@@ -41,9 +41,8 @@ enum Pace {
     /// One every 10 µs at most (`-i u10`), about 26,000 a second here. On
     /// two CPUs shared by the flood, the balancer, the backends and the
     /// clients, an unpaced hping3 starves the balancer's receive queue of
-    /// CPU: the kernel's own forwarding or nginx would lose the real
-    /// clients' SYNs there too, and a test of real clients would measure
-    /// the machine instead of the balancer.
+    /// CPU, and what a test of real clients would measure then is the
+    /// machine, not the balancer.
     Paced,
 }
 
@@ -105,11 +104,11 @@ fn rsts_forged_with_the_right_ports_from_either_side_break_no_connection() {
 #[test]
 fn a_spoofed_syn_flood_keeps_no_real_client_out_and_leaves_nothing_behind() {
     // A table the paced flood fills in about 2.5 s, so that the real
-    // clients come while SYNs must make room (from the flood's flows that
-    // have been idle a second: it holds more than a second's flood, so
-    // there always are some). Half-open flows age after
-    // 3 s: the table must be back to the held connections within that (and
-    // an aging scan or two) after the flood.
+    // clients come while SYNs must make room (from the flood's flows idle
+    // for a second: the table holds more than a second's flood, so there
+    // always are some). Half-open flows age after 3 s: the table must be
+    // back to the held connections within that (and an aging scan or two)
+    // after the flood.
     let running = start(&[1, 1, 1, 1], "aging_interval_ms = 200\nmax_flows = 65536\n[agent.timeouts]\nsyn = 3\n");
     let (lab, agent) = (&running.lab, &running.agent);
     let held: Vec<Held> = (0..4).map(|_| connect(&lab.client, VIP).unwrap()).collect();
