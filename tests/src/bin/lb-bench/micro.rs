@@ -257,7 +257,7 @@ pub fn run() -> (String, Vec<Check>) {
         out.push_str(&format!(
             "\nScale: a 1,000,000-flow table (2,000,000 entries) holding {} flows takes {} of kernel memory \
              (`bpftool map show`, bytes_memlock). Reading all {entries} entries (batched) took {:.2} s; one agent aging \
-             scan (read, pick the idle, nothing to expire) took {:.2} s. The agent waits 9 times a scan's duration \
+             scan (read, pick the idle, nothing to expire) took {:.2} s. The agent waits 9 times a scan's CPU time \
              before the next, so aging stays near a tenth of a CPU and, at this size, a flow goes about {:.0} s after \
              its timeout at the latest.\n",
             entries / 2,
