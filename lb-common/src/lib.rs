@@ -33,7 +33,7 @@ mod pod {
     }
     pod!(
         ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts,
-        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget, DecapStats
+        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget, DecapStats, BackendOwner
     );
 }
 
@@ -45,6 +45,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<BackendOwner>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<Candidate>(), 12);
         assert_eq!(size_of::<BackendSet>(), 16 + (20 + 12) * MAX_BACKENDS as usize + PICK_TABLE);
@@ -66,10 +67,12 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 71] = [
+    let numbers: [usize; 75] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
         offset_of!(Service, snat_count), offset_of!(Service, port_first),
+        size_of::<BackendOwner>(), offset_of!(BackendOwner, vip), offset_of!(BackendOwner, port),
+        offset_of!(BackendOwner, shared),
         size_of::<Backend>(), offset_of!(Backend, addr), offset_of!(Backend, port), offset_of!(Backend, flags),
         offset_of!(Backend, tier), offset_of!(Backend, weight), offset_of!(Backend, max_conns),
         offset_of!(Backend, snat_addr),

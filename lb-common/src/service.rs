@@ -26,6 +26,22 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+/// The one service a backend (keyed by its address and port, as a
+/// `ServiceKey`) is known to serve nat flows for, written by the data path
+/// at the first SYN it sends there. A nat flow to a backend that no other
+/// service sends flows to gets its reply entry when the backend first
+/// answers, not at its SYN: the backend's address alone then names the
+/// flow's service (`vip`, `port`). A backend that two services send to is
+/// `shared`, for good, and their new flows get both entries at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendOwner {
+    pub vip: u32,
+    pub port: u16,
+    pub shared: u8,
+    pub _pad: u8,
+}
+
 /// What the data path knows of a service: which row of `BACKENDS` and
 /// `ACTIVE` is its own, and in full NAT the balancer's side of each flow.
 #[repr(C)]

@@ -24,6 +24,10 @@
 //!   and the client's ACK the SYN-ACK. Anything else on those ports — a
 //!   stray segment of an earlier connection, a forged answer — is dropped.
 //!
+//! A nat flow to a backend that only its service sends flows to gets its
+//! reply entry when the backend first answers (`lazy_reply`), not at its
+//! SYN: a SYN then writes one entry, not two (`ReplyEntry`).
+//!
 //! A DSR flow has its forward entry only (the backend answers the client
 //! directly), and is followed on the client's segments alone: its
 //! handshake completes with the client's ACK right after the SYN, and its
@@ -49,7 +53,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
 };
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, Clock, Counter, Flow, FlowKey, RingCursor,
+    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, RingCursor,
     Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
     MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
@@ -59,7 +63,7 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{RoomSearch, ACTIVE, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
+    maps::{RoomSearch, ACTIVE, BACKEND_OWNERS, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
     nat::csum_diffs,
     parse::{tcp_options, TcpOptions, TcpPacket},
     schedule, stats,
@@ -266,29 +270,36 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
     let Some(forward) = forward_entry else {
         return Some(Counter::OutOfState);
     };
-    let Some(peer) = peer_of(key, own) else {
+    // A nat flow's reply entry may not be written yet (`lazy_reply`): then
+    // the backend has not answered, and the client's side has nothing
+    // acknowledged to judge against.
+    let peer = peer_of(key, own);
+    if peer.is_none() && own.direction != DIR_FORWARD {
         return Some(Counter::OutOfState);
-    };
-    let peer = unsafe { &*peer };
+    }
     let state = unsafe { core::ptr::read_volatile(&(*forward).state) };
-    let acked = has_acked(peer, state);
+    // The receiver, if it has acknowledged anything yet.
+    let acked = peer.map(|p| unsafe { &*p }).filter(|p| has_acked(p, state));
     let seq = pkt.seq();
     if pkt.flags & TCP_RST != 0 {
         // Exact: what the receiver expects next, or (its acknowledgment may
         // lag what it has received) what the sender has sent up to.
-        if seq == own.seq_next || (acked && seq == peer.acked) {
+        if seq == own.seq_next || acked.is_some_and(|peer| seq == peer.acked) {
             close(key, own, forward, FLOW_RESET);
             return None;
         }
-        if acked && seq.wrapping_sub(peer.acked) < peer.window.max(1) {
+        if acked.is_some_and(|peer| seq.wrapping_sub(peer.acked) < peer.window.max(1)) {
             stats::count(Counter::RstInWindow);
             return None;
         }
         return Some(Counter::RstOutOfWindow);
     }
+    let Some(peer) = acked else {
+        return Some(Counter::FinOutOfWindow);
+    };
     let slack = peer.window.max(FIN_SLACK);
     let offset = seq.wrapping_sub(peer.acked);
-    if !acked || (offset >= slack && offset.wrapping_neg() > slack) {
+    if offset >= slack && offset.wrapping_neg() > slack {
         return Some(Counter::FinOutOfWindow);
     }
     close(key, own, forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
@@ -639,7 +650,26 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let forward = &mut scratch.forward;
     let reply_key = key.reply(forward);
-    if mode == MODE_NAT {
+    let reply_entry = if mode == MODE_NAT { reply_entry_for(&backend, key) } else { ReplyEntry::Now(None) };
+    let later = mode == MODE_NAT && matches!(reply_entry, ReplyEntry::Later);
+    if let ReplyEntry::Now(Some((vip, port))) = reply_entry {
+        // The service that sent flows to this backend first may have one
+        // on this client port whose reply entry is not written yet.
+        let theirs = FlowKey { saddr: key.saddr, daddr: vip, sport: key.sport, dport: port };
+        if let Some(other) = FLOWS.get_ptr(&theirs) {
+            let live = unsafe {
+                (*other).direction == DIR_FORWARD
+                    && (*other).mode == MODE_NAT
+                    && (*other).nat_addr == backend.addr
+                    && (*other).nat_port == backend.port
+                    && !flow_closed((*other).state)
+            };
+            if live {
+                return Opened::Drop(Some(Counter::TupleInUse));
+            }
+        }
+    }
+    if mode == MODE_NAT && !later {
         if let Some(other) = FLOWS.get_ptr(&reply_key) {
             // The backend would see this flow on the ports of one it has: two
             // services sharing a backend, a client using one source port for
@@ -686,8 +716,11 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
                 // this CPU the one that ends it on the old one.
                 unsafe { release((*entry).service, (*entry).slot, observed) };
             }
+            // The old reply entry goes even on the same key when the new
+            // flow's is written later: the backend's first answer must not
+            // find the old connection's numbers.
             let old_reply_key = key.reply(unsafe { &*entry });
-            if old_reply_key != reply_key {
+            if old_reply_key != reply_key || later {
                 release_reply(key, &old_reply_key, unsafe { &*entry }, observed, now);
             }
             unsafe { *entry = *forward };
@@ -702,8 +735,9 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     }
     assign(service, choice.slot);
     remember(key);
-    if mode != MODE_NAT {
-        // A full-NAT flow's reply entry is in already; DSR has none.
+    if mode != MODE_NAT || later {
+        // A full-NAT flow's reply entry is in already; DSR has none; this
+        // nat flow's comes with the backend's first answer.
         return Opened::Flow(&scratch.forward);
     }
     if insert_making_room(&reply_key, reply, BPF_ANY as u64, now).is_err() {
@@ -714,6 +748,140 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(Some(Counter::TableFull));
     }
     Opened::Flow(&scratch.forward)
+}
+
+/// When a new nat flow's reply entry is written.
+enum ReplyEntry {
+    /// At the backend's first answer (`lazy_reply`): only this service
+    /// sends flows to the backend, so its address names the service.
+    Later,
+    /// With the SYN. The VIP and port of the service that first sent flows
+    /// to the backend, where that is another one: its flows on the same
+    /// client port may be waiting for their reply entries.
+    Now(Option<(u32, u16)>),
+}
+
+/// Looks the backend up in the index of which service it serves, and
+/// claims it for the SYN's service (`key`) where no service has yet. A
+/// second service makes it shared for good: new flows to it then get both
+/// entries at once, and a full index makes them do so too.
+#[inline(always)]
+fn reply_entry_for(backend: &Backend, key: &FlowKey) -> ReplyEntry {
+    let index = ServiceKey { addr: backend.addr, port: backend.port, proto: PROTO_TCP, _pad: 0 };
+    let mut owner = BACKEND_OWNERS.get_ptr_mut(&index);
+    if owner.is_none() {
+        let ours = BackendOwner { vip: key.daddr, port: key.dport, shared: 0, _pad: 0 };
+        if BACKEND_OWNERS.insert(&index, &ours, BPF_NOEXIST as u64).is_ok() {
+            return ReplyEntry::Later;
+        }
+        // Another CPU's SYN claimed it a moment ago (or the index is full).
+        owner = BACKEND_OWNERS.get_ptr_mut(&index);
+    }
+    let Some(owner) = owner else {
+        return ReplyEntry::Now(None);
+    };
+    let owner = unsafe { &mut *owner };
+    if owner.vip == key.daddr && owner.port == key.dport {
+        return if owner.shared == 0 { ReplyEntry::Later } else { ReplyEntry::Now(None) };
+    }
+    if owner.shared == 0 {
+        owner.shared = 1;
+    }
+    ReplyEntry::Now(Some((owner.vip, owner.port)))
+}
+
+/// What `lazy_reply` found for a packet that missed the table.
+pub enum FirstAnswer {
+    /// The reply entry of the flow it answers, written just now (or by
+    /// another CPU a moment ago).
+    Entry(*mut Flow),
+    /// No flow of ours waits for it.
+    NotOurs,
+    /// Ours, but the table has no room for its reply entry.
+    TableFull,
+}
+
+/// A packet from a backend that missed the table (`key`, as it came): if it
+/// answers a nat flow whose reply entry waits for the backend's first
+/// answer (`ReplyEntry::Later`), writes that entry, as the SYN would have,
+/// making room as a SYN does, and returns it. `track` then judges the
+/// packet as it would have judged it (`first_answer`), so a forged answer
+/// still teaches nothing.
+#[inline(always)]
+pub fn lazy_reply(key: &FlowKey, now: u64) -> FirstAnswer {
+    let mut written = write_lazy_reply(key);
+    for _ in 0..ROOM_ROUNDS {
+        if written != LAZY_FULL || !find_victim(now) {
+            break;
+        }
+        evict_victim(now);
+        written = write_lazy_reply(key);
+    }
+    match written {
+        LAZY_WRITTEN => FLOWS.get_ptr_mut(key).map_or(FirstAnswer::NotOurs, FirstAnswer::Entry),
+        LAZY_FULL => FirstAnswer::TableFull,
+        _ => FirstAnswer::NotOurs,
+    }
+}
+
+/// `write_lazy_reply`'s answers.
+const LAZY_WRITTEN: u32 = 0;
+const LAZY_NOT_OURS: u32 = 1;
+const LAZY_FULL: u32 = 2;
+
+/// Writes the reply entry `lazy_reply` looks for, once, if the flow is
+/// there. A function of its own (a BPF-to-BPF call): its locals would
+/// otherwise add to the packet path's stack, which has none to spare.
+#[inline(never)]
+fn write_lazy_reply(key: &FlowKey) -> u32 {
+    let index = ServiceKey { addr: key.saddr, port: key.sport, proto: PROTO_TCP, _pad: 0 };
+    let Some(owner) = (unsafe { BACKEND_OWNERS.get(&index) }) else {
+        return LAZY_NOT_OURS;
+    };
+    let (vip, port) = (owner.vip, owner.port);
+    let forward_key = FlowKey { saddr: key.daddr, daddr: vip, sport: key.dport, dport: port };
+    let Some(forward) = FLOWS.get_ptr(&forward_key) else {
+        return LAZY_NOT_OURS;
+    };
+    let (service, slot, ours) = unsafe {
+        (
+            (*forward).service,
+            (*forward).slot,
+            (*forward).direction == DIR_FORWARD
+                && (*forward).mode == MODE_NAT
+                && (*forward).nat_addr == key.saddr
+                && (*forward).nat_port == key.sport
+                && !flow_closed((*forward).state),
+        )
+    };
+    let Some(scratch) = OPEN_SCRATCH.get_ptr_mut(0) else {
+        return LAZY_NOT_OURS;
+    };
+    if !ours {
+        return LAZY_NOT_OURS;
+    }
+    let reply = unsafe { &mut (*scratch).reply };
+    let client = (key.daddr, key.dport);
+    let (ip_diff, l4_diff) = csum_diffs((key.saddr, key.sport), (vip, port), client, client);
+    *reply = Flow {
+        service,
+        slot,
+        nat_addr: vip,
+        nat_port: port,
+        peer_addr: key.daddr,
+        peer_port: key.dport,
+        direction: DIR_REPLY,
+        mode: MODE_NAT,
+        ip_csum_diff: ip_diff,
+        l4_csum_diff: l4_diff,
+        ..Flow::default()
+    };
+    match FLOWS.insert(key, reply, BPF_NOEXIST as u64) {
+        Ok(()) => LAZY_WRITTEN,
+        // Another CPU wrote it a moment ago.
+        Err(e) if e == -EEXIST => LAZY_WRITTEN,
+        Err(_) => LAZY_FULL,
+    }
 }
 
 /// Lets go of the reply entry of a flow (`old`, whose state was
@@ -1184,37 +1352,38 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         let held_long_enough = now.saturating_sub(last_seen) >= flow_timeout(timeouts, FLOW_RESET, MODE_FULLNAT);
         return observed & FLOW_EXPIRED == 0 && held_long_enough && remove_claimed(hold, observed, key);
     }
-    let (observed, last_seen, service, slot, mode) = unsafe {
+    let observed = unsafe {
         if (*forward).direction != DIR_FORWARD {
             return false;
         }
-        let state = core::ptr::read_volatile(&(*forward).state);
-        (state, (*forward).last_seen, (*forward).service, (*forward).slot, (*forward).mode)
+        core::ptr::read_volatile(&(*forward).state)
     };
     if observed & FLOW_EXPIRED != 0 {
         return false;
     }
+    // The flow's other fields are read where they are needed, not held
+    // across the helper calls: this runs within the packet path's stack
+    // (`evict_victim`), which has no room to keep them. Its service, slot
+    // and mode change only with its state (a SYN reusing the entry claims
+    // the state first), which the claim below checks; its `last_seen`,
+    // read later, is only the fresher.
     let reply_key = key.reply(unsafe { &*forward });
-    let mut replied_at = 0u64;
-    let mut reply_is_ours = None;
-    let reply = if mode_is_dsr(mode) { None } else { FLOWS.get_ptr_mut(&reply_key) };
-    if let Some(reply) = reply {
-        if is_reply_of(unsafe { &*reply }, key) {
-            replied_at = unsafe { (*reply).last_seen };
-            reply_is_ours = Some((reply, unsafe { core::ptr::read_volatile(&(*reply).state) }));
-        }
-    }
-    let latest = flow_last_active(observed, last_seen, replied_at);
-    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, mode) {
+    let dsr = mode_is_dsr(unsafe { (*forward).mode });
+    let reply = if dsr { None } else { FLOWS.get_ptr_mut(&reply_key) };
+    let reply_is_ours = reply.filter(|reply| is_reply_of(unsafe { &**reply }, key));
+    let (replied_at, reply_state) = reply_is_ours
+        .map_or((0, 0), |reply| unsafe { ((*reply).last_seen, core::ptr::read_volatile(&(*reply).state)) });
+    let latest = flow_last_active(observed, unsafe { (*forward).last_seen }, replied_at);
+    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, unsafe { (*forward).mode }) {
         return false;
     }
     if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
         return false; // a packet changed it meanwhile: not idle after all
     }
     if !flow_closed(observed) {
-        release(service, slot, observed);
+        unsafe { release((*forward).service, (*forward).slot, observed) };
     }
-    if let Some((reply, reply_state)) = reply_is_ours {
+    if let Some(reply) = reply_is_ours {
         if reply_state & FLOW_EXPIRED == 0 {
             remove_claimed(reply, reply_state, &reply_key);
         }

@@ -137,8 +137,14 @@ pub fn translate(ctx: &XdpContext, err: &IcmpError) -> u32 {
         return PASS;
     }
     let key = FlowKey { saddr: quoted.daddr, daddr: quoted.saddr, sport: quoted.dport, dport: quoted.sport };
-    let Some(entry) = crate::conntrack::lookup(&key) else {
-        return PASS;
+    let entry = match crate::conntrack::lookup(&key) {
+        Some(entry) => entry,
+        // About a nat flow's SYN, before the backend's first answer wrote
+        // the flow's reply entry: this error is that answer.
+        None => match crate::conntrack::lazy_reply(&key, crate::clock::now().ticks) {
+            crate::conntrack::FirstAnswer::Entry(entry) => entry,
+            _ => return PASS,
+        },
     };
     let flow = unsafe { &*entry };
     if flow.direction == DIR_HOLD {

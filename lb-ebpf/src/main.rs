@@ -27,7 +27,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use conntrack::Opened;
+use conntrack::{FirstAnswer, Opened};
 use lb_common::{Counter, ExpireRequest, Flow, EXPIRE_BATCH, EXPIRE_RESET};
 use parse::Parsed;
 use schedule::NO_SLOT;
@@ -62,11 +62,19 @@ fn balance(ctx: &XdpContext) -> (u32, Counter) {
 
     // Look up the flow; on a SYN that opens one, choose a backend.
     let key = pkt.key();
-    let existing = conntrack::lookup(&key);
+    let mut existing = conntrack::lookup(&key);
     if existing.is_none() && !pkt.is_syn() {
-        // Not a flow of ours: the host's own traffic, or a stray segment the
-        // kernel will answer.
-        return PASS;
+        // A backend's first answer to a nat flow, whose reply entry it
+        // writes; or not a flow of ours: the host's own traffic, or a stray
+        // segment the kernel will answer.
+        match conntrack::lazy_reply(&key, unsafe { bpf_jiffies64() }) {
+            FirstAnswer::Entry(entry) => existing = Some(entry),
+            FirstAnswer::NotOurs => return PASS,
+            FirstAnswer::TableFull => {
+                stats::count(Counter::TableFull);
+                return DROP;
+            }
+        }
     }
     if pkt.ttl() <= 1 {
         // Forwarding would leave TTL 0: a router answers time exceeded.

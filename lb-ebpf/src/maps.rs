@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendHop, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
+    ActiveCounts, BackendHop, BackendOwner, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
     ServiceKey, TraceBudget, TraceConfig,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -23,9 +23,17 @@ pub static BACKENDS: Array<BackendSet> = Array::with_max_entries(MAX_SERVICES, 0
 pub static ACTIVE: Array<ActiveCounts> = Array::with_max_entries(MAX_SERVICES, 0);
 
 /// Two entries per flow: the forward one, keyed as the client sends, and the
-/// reply one, keyed as the backend answers.
+/// reply one, keyed as the backend answers. A nat flow to a backend only
+/// its service sends to gets its reply entry at the backend's first answer.
 #[map]
 pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+
+/// Which service each nat backend answers for (keyed by the backend's
+/// address and port); written here, at a backend's first SYN, and pinned
+/// with the flows whose reply entries it lets the data path make later.
+#[map]
+pub static BACKEND_OWNERS: HashMap<ServiceKey, BackendOwner> =
+    HashMap::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);

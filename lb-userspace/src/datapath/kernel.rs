@@ -20,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend_index, ActiveCounts, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
+    backend_index, ActiveCounts, BackendOwner, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
     ServiceKey, Timeouts, TraceBudget, TraceConfig, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
     MAX_SERVICES,
 };
@@ -59,13 +59,14 @@ pub struct Datapath {
 /// type and the key and value sizes this build reads them with. CLOCK
 /// (written at every load), BACKEND_HOPS (a cache) and the ring of recent
 /// openings start afresh with each program.
-fn pinned_layout() -> [(&'static str, MapType, usize, usize); 7] {
+fn pinned_layout() -> [(&'static str, MapType, usize, usize); 8] {
     use std::mem::size_of;
     [
         ("SERVICES", MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>()),
         ("BACKENDS", MapType::Array, size_of::<u32>(), size_of::<BackendSet>()),
         ("ACTIVE", MapType::Array, size_of::<u32>(), size_of::<ActiveCounts>()),
         ("FLOWS", MapType::Hash, size_of::<FlowKey>(), size_of::<Flow>()),
+        ("BACKEND_OWNERS", MapType::Hash, size_of::<ServiceKey>(), size_of::<BackendOwner>()),
         ("COUNTERS", MapType::PerCpuArray, size_of::<u32>(), size_of::<Counters>()),
         ("BACKEND_STATS", MapType::PerCpuArray, size_of::<u32>(), size_of::<BackendStats>()),
         ("LAYOUT", MapType::Array, size_of::<u32>(), size_of::<u64>()),
@@ -160,7 +161,7 @@ impl Datapath {
         for name in ["SERVICES", "BACKENDS", "ACTIVE"] {
             loader.map_max_entries(name, max_services);
         }
-        for name in ["BACKEND_STATS", "BACKEND_HOPS"] {
+        for name in ["BACKEND_STATS", "BACKEND_HOPS", "BACKEND_OWNERS"] {
             loader.map_max_entries(name, max_services * MAX_BACKENDS);
         }
         // Each CPU remembers about twice its share of the table's openings:

@@ -275,8 +275,11 @@ fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
         assert_eq!(counter(b, Counter::TableFull), 1);
         // A closed flow is dead at once.
         conns[0].close(b);
-        assert_eq!(Conn::syn(b, 62011, ISN).0, XDP_REDIRECT);
+        let (verdict, half_open_flow) = Conn::syn(b, 62011, ISN);
+        assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(counter(b, Counter::Evicted), 1);
+        // Its backend's answer takes the last entry (the flow's reply one).
+        half_open_flow.unwrap().answer(b, BACKEND_ISN);
         // A half-open flow (a flood's, say) makes room once idle for a
         // second: longer than a handshake takes, shorter than a client's
         // first retransmission.
@@ -298,11 +301,14 @@ fn a_full_table_makes_room_from_dead_flows_and_never_from_live_ones() {
 fn a_full_table_still_makes_room_after_the_agent_aged_a_run_of_its_oldest_flows() {
     with_table(&[1], 40, |b| {
         on_cpu(0);
-        // A flood's SYNs fill the table and stay unanswered past the time a
-        // full table may evict half-open flows.
+        // A flood's SYNs fill the table, answered by the backend (two
+        // entries each) and never acknowledged, past the time a full table
+        // may evict half-open flows.
         let flood = |ports: std::ops::Range<u16>| {
             for port in ports {
-                assert_eq!(Conn::syn(b, port, ISN).0, XDP_REDIRECT, "SYN from port {port}");
+                let (verdict, flow) = Conn::syn(b, port, ISN);
+                assert_eq!(verdict, XDP_REDIRECT, "SYN from port {port}");
+                flow.unwrap().answer(b, BACKEND_ISN);
             }
         };
         flood(63000..63040);
@@ -340,7 +346,10 @@ fn a_cpu_whose_own_flows_are_all_alive_makes_room_from_another_cpus() {
         let mut real = Conn::open(b, 62000, ISN, BACKEND_ISN);
         on_cpu(1);
         for port in 63000..63007 {
-            assert_eq!(Conn::syn(b, port, ISN).0, XDP_REDIRECT, "SYN from port {port}");
+            let (verdict, flow) = Conn::syn(b, port, ISN);
+            assert_eq!(verdict, XDP_REDIRECT, "SYN from port {port}");
+            // The backend answers: the flow's reply entry.
+            flow.unwrap().answer(b, BACKEND_ISN);
         }
         on_cpu(0);
         assert_eq!(Conn::syn(b, 64000, ISN).0, XDP_DROP, "the flood's flows are young");

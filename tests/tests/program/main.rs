@@ -8,3 +8,4 @@ mod hostile;
 mod icmp;
 mod port_reuse;
 mod random_two;
+mod reply_entry;
