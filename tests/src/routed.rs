@@ -105,6 +105,14 @@ fn service(weights: &[u32], scheduler: Scheduler) -> ServiceConfig {
     }
 }
 
+/// Another nat service, `name` at `vip`, least connections over `backends`
+/// (weight 1 each): for tests of services that share a backend, or fill
+/// the service slots.
+pub fn another_service(name: &str, vip: SocketAddrV4, backends: &[SocketAddrV4]) -> ServiceConfig {
+    let backends = backends.iter().map(|&address| BackendConfig::new(address, 1)).collect();
+    ServiceConfig { name: name.into(), vip, backends, ..service(&[], Scheduler::LeastConn) }
+}
+
 pub fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(CLIENT, port)
 }

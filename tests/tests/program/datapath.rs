@@ -370,17 +370,9 @@ fn a_data_path_sized_for_two_services_refuses_a_third_and_says_why() {
     let ns = lb_tests::routed::routed_host(1);
     ns.run(|| {
         let mut b = lb::reconcile::Balancer::new(lb::datapath::Datapath::load_sized(1024, 2).unwrap());
-        let service = |i: u8| lb::config::ServiceConfig {
-            name: format!("s{i}"),
-            vip: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 80),
-            scheduler: Default::default(),
-            mode: Default::default(),
-            health: None,
-            on_backend_down: Default::default(),
-            snat_addresses: Vec::new(),
-            snat_ports: lb::config::DEFAULT_SNAT_PORTS,
-            tunnel: lb::config::Tunnel::None,
-            backends: vec![lb::config::BackendConfig::new(backend(0), 1)],
+        let service = |i: u8| {
+            let vip = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 80);
+            lb_tests::routed::another_service(&format!("s{i}"), vip, &[backend(0)])
         };
         b.add_service(&service(1)).unwrap();
         b.add_service(&service(2)).unwrap();

@@ -5,14 +5,11 @@
 //! sharing a backend never mix their flows' replies.
 use std::net::SocketAddrV4;
 
-use lb::{
-    config::{BackendConfig, ServiceConfig},
-    datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT},
-};
+use lb::datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_common::{Counter, FlowKey, Timeouts, DIR_FORWARD};
 use lb_tests::{
     packet::{inspect, Tcp, ACK, FIN, PSH, RST, SYN},
-    routed::{active, backend, client, counter, half_open, on_cpu, run, with_balancer, with_table, Conn, VIP},
+    routed::{active, another_service, backend, client, counter, half_open, on_cpu, run, with_balancer, with_table, Conn, VIP},
 };
 
 /// Initial sequence numbers chosen to sit near the wrap of the sequence
@@ -233,19 +230,7 @@ fn two_services_sharing_a_backend_never_mix_their_flows_replies() {
     with_balancer(&[1], |b| {
         let vip2 = SocketAddrV4::new(*VIP.ip(), 8080);
         let shared = backend(0);
-        b.add_service(&ServiceConfig {
-            name: "alt".into(),
-            vip: vip2,
-            scheduler: Default::default(),
-            mode: Default::default(),
-            health: None,
-            on_backend_down: Default::default(),
-            snat_addresses: Vec::new(),
-            snat_ports: lb::config::DEFAULT_SNAT_PORTS,
-            tunnel: lb::config::Tunnel::None,
-            backends: vec![BackendConfig::new(shared, 1)],
-        })
-        .unwrap();
+        b.add_service(&another_service("alt", vip2, &[shared])).unwrap();
         let conn = established(b, 60040);
         assert_eq!(conn.backend, shared);
         // The same client port to the other service: the backend would see

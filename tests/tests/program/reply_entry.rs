@@ -6,16 +6,13 @@
 //! connection the port had before, a full table).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb::{
-    config::{BackendConfig, ServiceConfig},
-    datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-};
+use lb::datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_common::Counter;
 use lb_tests::{
     packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, FIN, PSH, RST, SYN},
     routed::{
-        active, backend, client, counter, flow_entries, half_open, on_cpu, run, with_balancer, with_table, Conn, CLIENT,
-        VIP,
+        active, another_service, backend, client, counter, flow_entries, half_open, on_cpu, run, with_balancer,
+        with_table, Conn, CLIENT, VIP,
     },
 };
 
@@ -105,19 +102,7 @@ fn another_service_on_the_same_backend_cannot_take_a_client_port_whose_flow_awai
     with_balancer(&[1], |b| {
         let vip2 = SocketAddrV4::new(*VIP.ip(), 8080);
         let shared = backend(0);
-        b.add_service(&ServiceConfig {
-            name: "alt".into(),
-            vip: vip2,
-            scheduler: Default::default(),
-            mode: Default::default(),
-            health: None,
-            on_backend_down: Default::default(),
-            snat_addresses: Vec::new(),
-            snat_ports: lb::config::DEFAULT_SNAT_PORTS,
-            tunnel: lb::config::Tunnel::None,
-            backends: vec![BackendConfig::new(shared, 1)],
-        })
-        .unwrap();
+        b.add_service(&another_service("alt", vip2, &[shared])).unwrap();
         // The first service's flow, its reply entry not written yet.
         assert_eq!(Conn::syn(b, 50030, ISN).0, XDP_REDIRECT);
         assert_eq!(flow_entries(b), 1);
