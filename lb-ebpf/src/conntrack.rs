@@ -651,7 +651,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     let forward = &mut scratch.forward;
     let reply_key = key.reply(forward);
     let reply_entry = if mode == MODE_NAT { reply_entry_for(&backend, key) } else { ReplyEntry::Now(None) };
-    let later = mode == MODE_NAT && matches!(reply_entry, ReplyEntry::Later);
+    let later = matches!(reply_entry, ReplyEntry::Later);
     if let ReplyEntry::Now(Some((vip, port))) = reply_entry {
         // The service that sent flows to this backend first may have one
         // on this client port whose reply entry is not written yet.
