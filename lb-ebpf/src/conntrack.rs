@@ -809,31 +809,27 @@ pub enum FirstAnswer {
 /// still teaches nothing.
 #[inline(always)]
 pub fn lazy_reply(key: &FlowKey, now: u64) -> FirstAnswer {
-    let mut written = write_lazy_reply(key);
-    for _ in 0..ROOM_ROUNDS {
-        if written != LAZY_FULL || !find_victim(now) {
-            break;
-        }
-        evict_victim(now);
-        written = write_lazy_reply(key);
-    }
+    let written = making_room(now, || match write_lazy_reply(key) {
+        error if error < 0 => Err(error),
+        answer => Ok(answer),
+    });
     match written {
-        LAZY_WRITTEN => FLOWS.get_ptr_mut(key).map_or(FirstAnswer::NotOurs, FirstAnswer::Entry),
-        LAZY_FULL => FirstAnswer::TableFull,
-        _ => FirstAnswer::NotOurs,
+        Ok(LAZY_WRITTEN) => FLOWS.get_ptr_mut(key).map_or(FirstAnswer::NotOurs, FirstAnswer::Entry),
+        Ok(_) => FirstAnswer::NotOurs,
+        Err(_) => FirstAnswer::TableFull,
     }
 }
 
-/// `write_lazy_reply`'s answers.
-const LAZY_WRITTEN: u32 = 0;
-const LAZY_NOT_OURS: u32 = 1;
-const LAZY_FULL: u32 = 2;
+/// `write_lazy_reply`'s answers besides the insert's error.
+const LAZY_WRITTEN: i32 = 0;
+const LAZY_NOT_OURS: i32 = 1;
 
 /// Writes the reply entry `lazy_reply` looks for, once, if the flow is
-/// there. A function of its own (a BPF-to-BPF call): its locals would
-/// otherwise add to the packet path's stack, which has none to spare.
+/// there; returns the insert's error (negative) if it failed. A function of
+/// its own (a BPF-to-BPF call): its locals would otherwise add to the
+/// packet path's stack, which has none to spare.
 #[inline(never)]
-fn write_lazy_reply(key: &FlowKey) -> u32 {
+fn write_lazy_reply(key: &FlowKey) -> i32 {
     let index = ServiceKey { addr: key.saddr, port: key.sport, proto: PROTO_TCP, _pad: 0 };
     let Some(owner) = (unsafe { BACKEND_OWNERS.get(&index) }) else {
         return LAZY_NOT_OURS;
@@ -880,7 +876,7 @@ fn write_lazy_reply(key: &FlowKey) -> u32 {
         Ok(()) => LAZY_WRITTEN,
         // Another CPU wrote it a moment ago.
         Err(e) if e == -EEXIST => LAZY_WRITTEN,
-        Err(_) => LAZY_FULL,
+        Err(e) => e,
     }
 }
 
@@ -1077,12 +1073,19 @@ fn claim(entry: *mut Flow, observed: u32, reply: &Flow) -> bool {
 /// next victim.
 #[inline(always)]
 fn insert_making_room(key: &FlowKey, value: &Flow, flags: u64, now: u64) -> Result<(), i32> {
-    let mut inserted = FLOWS.insert(key, value, flags);
+    making_room(now, || FLOWS.insert(key, value, flags))
+}
+
+/// Runs `insert` (an insert into the table, or what wraps one) again after
+/// making room, while it fails for want of room and victims are found.
+#[inline(always)]
+fn making_room<T>(now: u64, mut insert: impl FnMut() -> Result<T, i32>) -> Result<T, i32> {
+    let mut inserted = insert();
     for _ in 0..ROOM_ROUNDS {
         match inserted {
             Err(e) if e != -EEXIST && find_victim(now) => {
                 evict_victim(now);
-                inserted = FLOWS.insert(key, value, flags);
+                inserted = insert();
             }
             _ => break,
         }
