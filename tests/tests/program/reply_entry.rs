@@ -3,10 +3,13 @@
 //! writes one table entry, not two. On crafted packets: what that answer
 //! does, and everything that may come before it (the client's RST, an ICMP
 //! error, another service's SYN to the same backend, a stray of the
-//! connection the port had before, a full table).
+//! connection the port had before, a full table, an agent killed).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb::datapath::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
+use lb::{
+    datapath::{Datapath, Pins, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    reconcile::Balancer,
+};
 use lb_common::Counter;
 use lb_tests::{
     packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, FIN, PSH, RST, SYN},
@@ -164,5 +167,46 @@ fn the_backends_first_answer_makes_room_in_a_full_table_as_a_syn_does() {
         assert_eq!(flow_entries(b), 3);
         let (_, differing) = b.verify_counts().unwrap();
         assert!(differing.is_empty(), "{differing:?}");
+    });
+}
+
+/// An agent killed while flows wait for their backends' answers: the next
+/// agent's program (loaded on the same pinned maps) must still know which
+/// service each backend answers for, or those answers would go to the
+/// host's stack, which resets them.
+#[test]
+fn the_next_agents_program_writes_the_reply_entries_of_flows_the_last_one_opened() {
+    let _serial = lb_tests::serial();
+    let ns = lb_tests::routed::routed_host(4);
+    let dir = std::path::PathBuf::from("/sys/fs/bpf").join(&ns.name);
+    // Removed however the test ends.
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _removed = Removed(dir.clone());
+    ns.run(|| {
+        let load = || {
+            let (pins, lock) = Pins::open(&dir).unwrap();
+            let (datapath, reused) = Datapath::load_pinned(1024, 4, &pins).unwrap();
+            (Balancer::new(datapath), reused, lock)
+        };
+        let (mut first, reused, lock) = load();
+        assert!(!reused);
+        first.add_service(&another_service("web", VIP, &[backend(0)])).unwrap();
+        let (verdict, out) = run(&first, &Tcp::new(client(50060), VIP, SYN).seq(ISN).frame());
+        assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, backend(0)));
+        // kill -9: the program and its lock go, the pinned maps stay.
+        drop((first, lock));
+
+        let (next, reused, _lock) = load();
+        assert!(reused, "the pinned maps are taken over");
+        let syn_ack = Tcp::new(backend(0), client(50060), SYN | ACK).seq(BACKEND_ISN).ack(ISN + 1);
+        let (verdict, out) = run(&next, &syn_ack.frame());
+        assert_eq!((verdict, inspect(&out).src), (XDP_REDIRECT, VIP), "the answer reaches the client from the VIP");
+        let ack = Tcp::new(client(50060), VIP, ACK).seq(ISN + 1).ack(BACKEND_ISN + 1);
+        assert_eq!(run(&next, &ack.frame()).0, XDP_REDIRECT, "the handshake completes");
     });
 }
