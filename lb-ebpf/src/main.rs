@@ -20,6 +20,7 @@ mod schedule;
 mod stats;
 mod trace;
 mod tunnel;
+mod zero;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},

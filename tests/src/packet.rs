@@ -9,6 +9,21 @@ pub use lb_common::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as R
 pub const CLIENT_ISN: u32 = 0x0102_0304;
 pub const BACKEND_ISN: u32 = 0xf0e0_d0c0;
 
+/// The options of a Linux SYN (or SYN-ACK), in its order: MSS 1460, SACK
+/// permitted, timestamps (`tsval`, no echo), a NOP, window scale 7.
+pub fn linux_syn_options(tsval: u32) -> [u8; 20] {
+    let ts = tsval.to_be_bytes();
+    [2, 4, 0x05, 0xb4, 4, 2, 8, 10, ts[0], ts[1], ts[2], ts[3], 0, 0, 0, 0, 1, 3, 3, 7]
+}
+
+/// The options of every later segment of a connection with timestamps, as
+/// Linux (and most stacks) lay them out: two NOPs, timestamps (`tsval`, no
+/// echo).
+pub fn timestamp_options(tsval: u32) -> [u8; 12] {
+    let ts = tsval.to_be_bytes();
+    [1, 1, 8, 10, ts[0], ts[1], ts[2], ts[3], 0, 0, 0, 0]
+}
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 

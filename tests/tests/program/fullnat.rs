@@ -12,7 +12,10 @@ use std::{
 use lb::datapath::{Maps, XDP_DROP, XDP_REDIRECT};
 use lb_common::{Counter, Timeouts};
 use lb_tests::{
-    packet::{icmp_error, inspect, inspect_icmp, quoted_tcp_checksum_is_right, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, PSH, RST, SYN},
+    packet::{
+        icmp_error, inspect, inspect_icmp, linux_syn_options, quoted_tcp_checksum_is_right, timestamp_options, Tcp, ACK, BACKEND_ISN,
+        CLIENT_ISN, FIN, PSH, RST, SYN,
+    },
     routed::{backend, balancer_full_nat, client, counter, routed_host, run, BALANCER, CLIENT, VIP},
     serial,
 };
@@ -212,37 +215,48 @@ fn ts(value: u32) -> Vec<u8> {
 
 /// Opens a flow from the client's `port` and closes it as a web server does,
 /// the backend first (so the backend keeps it in TIME_WAIT), the client's
-/// FIN carrying timestamp `ts_at_close` if any. Returns the balancer's port.
-fn closed_by_the_backend(b: &lb::reconcile::Balancer, port: u16, ts_at_close: Option<u32>) -> SocketAddrV4 {
+/// FIN carrying `fin_options`. Returns the balancer's port.
+fn closed_by_the_backend(b: &lb::reconcile::Balancer, port: u16, fin_options: &[u8]) -> SocketAddrV4 {
     let ours = established(b, port);
     let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
     assert_eq!(run(b, &back(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1)).0, XDP_REDIRECT);
-    let mut fin = Tcp::new(client(port), VIP, FIN | ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 2);
-    if let Some(value) = ts_at_close {
-        fin = fin.tcp_options(&ts(value));
-    }
+    let fin = Tcp::new(client(port), VIP, FIN | ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 2).tcp_options(fin_options);
     assert_eq!(run(b, &fin.frame()).0, XDP_REDIRECT);
     assert_eq!(run(b, &back(ACK, BACKEND_ISN + 2, CLIENT_ISN + 2)).0, XDP_REDIRECT);
     ours
 }
 
-/// A client's SYN from `port` with timestamp `tsval`: the verdict and the
+/// A client's SYN from `port` with `options`: the verdict and the
 /// balancer's port it went out from, if it went.
-fn syn_with_ts(b: &lb::reconcile::Balancer, port: u16, tsval: u32) -> (u32, Option<SocketAddrV4>) {
-    let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).seq(CLIENT_ISN).tcp_options(&ts(tsval)).frame());
+fn syn_with(b: &lb::reconcile::Balancer, port: u16, options: &[u8]) -> (u32, Option<SocketAddrV4>) {
+    let (verdict, out) = run(b, &Tcp::new(client(port), VIP, SYN).seq(CLIENT_ISN).tcp_options(options).frame());
     (verdict, (verdict == XDP_REDIRECT).then(|| inspect(&out).src))
 }
 
 #[test]
 fn a_closed_flows_port_goes_to_a_new_flow_only_with_a_syn_the_backends_time_wait_accepts() {
+    a_closed_flows_port_goes_by_timestamps(ts, ts);
+}
+
+/// The same with the options laid out as Linux sends them, which the
+/// balancer reads in place rather than walking them.
+#[test]
+fn timestamps_are_read_from_linuxs_layout_of_the_options_too() {
+    a_closed_flows_port_goes_by_timestamps(|v| timestamp_options(v).to_vec(), |v| linux_syn_options(v).to_vec());
+}
+
+/// The balancer's port of a closed flow goes to a new client only with a
+/// SYN whose timestamp runs ahead of the old connection's last (the FIN's),
+/// with each laid out by `fin_options` and `syn_options`.
+fn a_closed_flows_port_goes_by_timestamps(fin_options: fn(u32) -> Vec<u8>, syn_options: fn(u32) -> Vec<u8>) {
     with_full_nat(&[1], [30000, 30000], |b| {
-        let old = closed_by_the_backend(b, 42000, Some(5000));
+        let old = closed_by_the_backend(b, 42000, &fin_options(5000));
         // Another client whose timestamps run behind: the backend's
         // TIME_WAIT would answer its SYN for the old connection.
-        assert_eq!(syn_with_ts(b, 42001, 4000), (XDP_DROP, None));
+        assert_eq!(syn_with(b, 42001, &syn_options(4000)), (XDP_DROP, None));
         assert_eq!(counter(b, Counter::SnatPortsExhausted), 1);
         // One whose timestamps run ahead gets the port (RFC 6191).
-        assert_eq!(syn_with_ts(b, 42002, 6000), (XDP_REDIRECT, Some(old)));
+        assert_eq!(syn_with(b, 42002, &syn_options(6000)), (XDP_REDIRECT, Some(old)));
         let syn_ack = Tcp::new(backend(0), old, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
         let (verdict, out) = run(b, &syn_ack.frame());
         assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(42002)), "the port is the new flow's");
@@ -261,7 +275,7 @@ fn a_closed_flows_port_goes_to_a_new_flow_only_with_a_syn_the_backends_time_wait
 #[test]
 fn without_timestamps_the_sequence_numbers_decide_and_after_an_rst_any_syn_may_take_the_port() {
     with_full_nat(&[1], [30000, 30000], |b| {
-        let ours = closed_by_the_backend(b, 42000, None);
+        let ours = closed_by_the_backend(b, 42000, &[]);
         let back = |flags, seq, ack| Tcp::new(backend(0), ours, flags).seq(seq).ack(ack).frame();
 
         let syn_at = |port: u16, seq: u32| run(b, &Tcp::new(client(port), VIP, SYN).seq(seq).frame()).0;
@@ -282,8 +296,8 @@ fn without_timestamps_the_sequence_numbers_decide_and_after_an_rst_any_syn_may_t
 /// a client with `tcp_tw_reuse` does: the new flow gets the other port of
 /// two, and the old port is left held. Returns (old port, new port).
 fn reuse_leaves_a_hold(b: &lb::reconcile::Balancer) -> (SocketAddrV4, SocketAddrV4) {
-    let old = closed_by_the_backend(b, 42000, Some(5000));
-    let (verdict, new) = syn_with_ts(b, 42000, 4000);
+    let old = closed_by_the_backend(b, 42000, &ts(5000));
+    let (verdict, new) = syn_with(b, 42000, &ts(4000));
     assert_eq!(verdict, XDP_REDIRECT);
     let new = new.unwrap();
     assert_ne!(new, old, "the old port is held for the backend's TIME_WAIT");
@@ -295,7 +309,7 @@ fn a_client_reusing_its_5_tuple_leaves_the_old_port_held_and_nothing_reaches_any
     with_full_nat(&[1], [30000, 30001], |b| {
         let (old, _) = reuse_leaves_a_hold(b);
         // Another client's SYN that TIME_WAIT would refuse finds no port.
-        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_DROP, None));
+        assert_eq!(syn_with(b, 42001, &ts(4500)), (XDP_DROP, None));
         assert_eq!(counter(b, Counter::SnatPortsExhausted), 1);
         // The backend's TIME_WAIT answering on the old port reaches nobody.
         let out_of_state = counter(b, Counter::OutOfState);
@@ -311,7 +325,7 @@ fn a_client_reusing_its_5_tuple_leaves_the_old_port_held_and_nothing_reaches_any
         assert_eq!(b.status().unwrap().services[0].backends[0].snat_ports_in_use, Some(2));
 
         // A SYN that TIME_WAIT accepts takes the held port over.
-        assert_eq!(syn_with_ts(b, 42002, 9000), (XDP_REDIRECT, Some(old)));
+        assert_eq!(syn_with(b, 42002, &ts(9000)), (XDP_REDIRECT, Some(old)));
         let syn_ack = Tcp::new(backend(0), old, SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1).frame();
         let (verdict, out) = run(b, &syn_ack);
         assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, client(42002)));
@@ -322,7 +336,7 @@ fn a_client_reusing_its_5_tuple_leaves_the_old_port_held_and_nothing_reaches_any
 fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
     with_full_nat(&[1], [30000, 30001], |b| {
         let (old, _) = reuse_leaves_a_hold(b);
-        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_DROP, None));
+        assert_eq!(syn_with(b, 42001, &ts(4500)), (XDP_DROP, None));
         let hour = 3_600_000_000_000;
         let not_yet = Timeouts { syn: hour, established: hour, fin: hour, closed: hour };
         assert_eq!(lb::runtime::aging::age(&mut b.datapath, &not_yet, false).unwrap().holds_released, 0);
@@ -331,7 +345,7 @@ fn a_held_port_is_let_go_when_the_backends_time_wait_is_over() {
         assert_eq!((aged.expired, aged.holds_released), (0, 1));
         assert_eq!(aged.snat_ports, [((0, 0), 2)].into(), "the scan counted both ports, the hold among them");
         assert_eq!(b.status().unwrap().services[0].backends[0].snat_ports_in_use, Some(1), "the hold is gone");
-        assert_eq!(syn_with_ts(b, 42001, 4500), (XDP_REDIRECT, Some(old)), "the old port is free again");
+        assert_eq!(syn_with(b, 42001, &ts(4500)), (XDP_REDIRECT, Some(old)), "the old port is free again");
     });
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use lb::datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT};
 use lb_common::{Counter, FlowKey, Timeouts, DIR_FORWARD};
 use lb_tests::{
-    packet::{inspect, Tcp, ACK, FIN, PSH, RST, SYN},
+    packet::{inspect, linux_syn_options, Tcp, ACK, FIN, PSH, RST, SYN},
     routed::{active, another_service, backend, client, counter, half_open, on_cpu, run, with_balancer, with_table, Conn, VIP},
 };
 
@@ -112,16 +112,28 @@ fn spoofed_backend_rsts_and_fins_outside_the_window_are_dropped() {
 
 #[test]
 fn the_window_scale_of_the_handshake_widens_the_window() {
+    window_scale_widens_the_window(&[2, 4, 5, 0xb4, 1, 3, 3, 7], &[1, 1, 1, 3, 3, 7]);
+}
+
+/// The same with the options laid out as Linux sends them, which the
+/// balancer reads in place rather than walking them.
+#[test]
+fn a_window_scale_in_linuxs_layout_of_the_options_widens_the_window_too() {
+    window_scale_widens_the_window(&linux_syn_options(1), &linux_syn_options(2));
+}
+
+/// Client and backend both announce a window scale of 7, in options
+/// `syn_options` and `syn_ack_options`.
+fn window_scale_widens_the_window(syn_options: &[u8], syn_ack_options: &[u8]) {
     with_balancer(&[1], |b| {
-        // Client and backend both announce a window scale of 7.
-        let syn = Tcp::new(client(60006), VIP, SYN).seq(ISN).tcp_options(&[2, 4, 5, 0xb4, 1, 3, 3, 7]);
+        let syn = Tcp::new(client(60006), VIP, SYN).seq(ISN).tcp_options(syn_options);
         let (verdict, out) = run(b, &syn.frame());
         assert_eq!(verdict, XDP_REDIRECT);
         let backend = inspect(&out).dst;
         let syn_ack = Tcp::new(backend, client(60006), SYN | ACK)
             .seq(BACKEND_ISN)
             .ack(ISN.wrapping_add(1))
-            .tcp_options(&[1, 1, 1, 3, 3, 7]);
+            .tcp_options(syn_ack_options);
         assert_eq!(run(b, &syn_ack.frame()).0, XDP_REDIRECT);
         // The backend offers 1,000 × 2^7 bytes.
         let ack = Tcp::new(client(60006), VIP, ACK).seq(ISN.wrapping_add(1)).ack(BACKEND_ISN.wrapping_add(1));

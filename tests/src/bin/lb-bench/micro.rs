@@ -18,7 +18,7 @@ use lb_common::{Counter, TraceConfig, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERV
 
 use crate::targets::Check;
 use lb_tests::{
-    packet::{Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
+    packet::{linux_syn_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
     routed::{balancer, balancer_scheduling, from_backend, from_client, routed_host, CLIENT, VIP},
 };
 
@@ -78,8 +78,10 @@ fn client(i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(base + (i / 50_000) as u32), 10_000 + (i % 50_000) as u16)
 }
 
+/// New flows' SYNs, with the options a Linux client sends, which the
+/// balancer reads.
 fn syns(from: usize, count: usize) -> Vec<Vec<u8>> {
-    (from..from + count).map(|i| Tcp::new(client(i), VIP, SYN).frame()).collect()
+    (from..from + count).map(|i| Tcp::new(client(i), VIP, SYN).tcp_options(&linux_syn_options(i as u32)).frame()).collect()
 }
 
 /// `CALLS` segments of one stream: the i-th made by `segment(i)`.
