@@ -156,7 +156,11 @@ pub fn run() -> (String, Vec<Check>) {
                 .map(|(i, syn)| {
                     let (_, out) = b.datapath.run_packet(syn).unwrap();
                     let backend = lb_tests::packet::inspect(&out).dst;
-                    Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1).frame()
+                    Tcp::new(backend, client(i), SYN | ACK)
+                        .seq(BACKEND_ISN)
+                        .ack(CLIENT_ISN + 1)
+                        .tcp_options(&linux_syn_options(i as u32))
+                        .frame()
                 })
                 .collect();
             let entries = b.datapath.flows().len();
