@@ -19,7 +19,7 @@ use lb_common::{Counter, TraceConfig, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERV
 use crate::targets::Check;
 use lb_tests::{
     packet::{linux_syn_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
-    routed::{balancer, balancer_scheduling, from_backend, from_client, routed_host, CLIENT, VIP},
+    routed::{balancer, balancer_scheduling, from_backend, from_client, on_cpu, routed_host, CLIENT, VIP},
 };
 
 const CALLS: usize = 20_000;
@@ -143,6 +143,39 @@ pub fn run() -> (String, Vec<Check>) {
             let before = new_flows(&b);
             add(&case, time(&b, &syns(0, CALLS), XDP_REDIRECT));
             assert_eq!(new_flows(&b) - before, CALLS as u64, "every SYN opened a flow");
+        }
+        // Every CPU opening flows of the one service at once, each its own
+        // clients' SYNs on a thread of its own: what the CPUs share (the
+        // backends' counts, the table) costs here, against the SYN case on
+        // one CPU above. Each thread is timed as that case is; the row has
+        // the means of the threads' figures.
+        let case = "new flow (SYN), 3 backends, every CPU at once";
+        if wanted(case) {
+            let b = balancer(&[1, 1, 1], 1_000_000);
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+            let rows: Vec<Row> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..cpus)
+                    .map(|cpu| {
+                        let b = &b;
+                        s.spawn(move || {
+                            on_cpu(cpu);
+                            time(b, &syns(cpu * CALLS, CALLS), XDP_REDIRECT)
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().expect("a timing thread")).collect()
+            });
+            let mean = |field: fn(&Row) -> f64| rows.iter().map(field).sum::<f64>() / rows.len() as f64;
+            let row = Row {
+                case: String::new(),
+                median: mean(|r| r.median),
+                p10: mean(|r| r.p10),
+                p90: mean(|r| r.p90),
+                mean: mean(|r| r.mean),
+                floor: mean(|r| r.floor),
+            };
+            add(case, row);
+            assert_eq!(new_flows(&b), (cpus * CALLS) as u64, "every SYN opened a flow");
         }
         // The backends' answers to such SYNs (not timed): a nat flow's reply
         // entry is written here, not at its SYN. These clients have no route
