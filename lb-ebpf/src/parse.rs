@@ -13,7 +13,6 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::zero::zero;
 
-
 pub const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.
 pub const IP_FRAGMENT_MASK: u16 = 0x3fff;
