@@ -175,7 +175,9 @@ pub struct Flow {
     /// port may go to a new flow whose SYN that TIME_WAIT will accept
     /// (`time_wait_accepts`). Forward entries and holds only.
     pub ts_recent: u32,
-    pub _pad: u32,
+    /// The CPU whose `HalfOpenCounts` count this flow while its handshake
+    /// is under way: the one that opened it. Forward entries only.
+    pub opened_on: u32,
 }
 
 /// Whether an endpoint in TIME_WAIT accepts a new connection's SYN on the

@@ -33,7 +33,8 @@ mod pod {
     }
     pod!(
         ServiceKey, Service, Backend, BackendSet, ActiveCounts, FlowKey, Flow, BackendStats, Counters, Timeouts,
-        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget, DecapStats, BackendOwner
+        ExpireRequest, Clock, NextHop, BackendHop, RingCursor, TraceConfig, TraceBudget, DecapStats, BackendOwner,
+        HalfOpenCounts
     );
 }
 
@@ -67,7 +68,7 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 75] = [
+    let numbers: [usize; 77] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
         offset_of!(Service, snat_count), offset_of!(Service, port_first),
@@ -81,7 +82,7 @@ pub const LAYOUT_HASH: u64 = {
         size_of::<BackendSet>(), offset_of!(BackendSet, len), offset_of!(BackendSet, candidate_count),
         offset_of!(BackendSet, lowest_tier_count), offset_of!(BackendSet, scheduler), offset_of!(BackendSet, slots),
         offset_of!(BackendSet, candidates), offset_of!(BackendSet, pick_table),
-        size_of::<ActiveCounts>(), HALF_OPEN_ONE as usize >> 16,
+        size_of::<ActiveCounts>(), HALF_OPEN_ONE as usize >> 16, size_of::<HalfOpenCounts>(),
         size_of::<FlowKey>(), offset_of!(FlowKey, saddr), offset_of!(FlowKey, daddr), offset_of!(FlowKey, sport),
         offset_of!(FlowKey, dport),
         size_of::<Flow>(), offset_of!(Flow, state), offset_of!(Flow, service), offset_of!(Flow, slot),
@@ -89,7 +90,7 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(Flow, ip_csum_diff), offset_of!(Flow, l4_csum_diff), offset_of!(Flow, peer_addr),
         offset_of!(Flow, peer_port), offset_of!(Flow, mode), offset_of!(Flow, seq_next),
         offset_of!(Flow, acked), offset_of!(Flow, window), offset_of!(Flow, last_seen), offset_of!(Flow, hop),
-        offset_of!(Flow, ts_seen), offset_of!(Flow, ts_recent),
+        offset_of!(Flow, ts_seen), offset_of!(Flow, ts_recent), offset_of!(Flow, opened_on),
         offset_of!(NextHop, at), offset_of!(NextHop, mtu),
         size_of::<BackendStats>(), offset_of!(BackendStats, new_flows), offset_of!(BackendStats, refused),
         offset_of!(BackendStats, unanswered), size_of::<Counters>(), COUNTER_COUNT,

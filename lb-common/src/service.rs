@@ -210,13 +210,33 @@ pub struct Candidate {
 
 /// Connections per backend slot of one service, established ones in the low
 /// half of each word and half-open ones in the high half (`HALF_OPEN_ONE`).
-/// Only the data path writes it, with atomic adds: a half-open one up when a
-/// flow is assigned, one moved across when its handshake completes, one down
-/// when the flow leaves the live state (closed, reset or expired).
+/// In the `ACTIVE` map the data path keeps only the established ones, with
+/// atomic adds: one up when a flow's handshake completes, one down when an
+/// established flow leaves the live state (closed, reset or expired). The
+/// half-open ones are per CPU (`HalfOpenCounts`); the agent reads the two
+/// together in this form.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ActiveCounts {
     pub active: [u64; MAX_BACKENDS as usize],
+}
+
+/// Half-open connections per backend slot of one service that one CPU
+/// opened (the per-CPU map `HALF_OPEN`). A SYN counts its flow on its own
+/// CPU's line, not on a line every CPU writes; whichever CPU completes or
+/// ends the handshake takes it off the opener's count (`Flow::opened_on`),
+/// so no CPU's count goes below zero. The scheduler weighs its own CPU's;
+/// the agent's counts are the sum over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HalfOpenCounts {
+    pub count: [u32; MAX_BACKENDS as usize],
+}
+
+impl Default for HalfOpenCounts {
+    fn default() -> Self {
+        Self { count: [0; MAX_BACKENDS as usize] }
+    }
 }
 
 impl Default for ActiveCounts {

@@ -9,6 +9,11 @@ pub fn add(value: *mut u64, delta: u64) {
     unsafe { atomic_xadd::<u64, u64, { SeqCst }>(value, delta) };
 }
 
+#[inline(always)]
+pub fn add32(value: *mut u32, delta: u32) {
+    unsafe { atomic_xadd::<u32, u32, { SeqCst }>(value, delta) };
+}
+
 /// Sets `bits` and returns the value before.
 #[inline(always)]
 pub fn fetch_or(value: *mut u32, bits: u32) -> u32 {

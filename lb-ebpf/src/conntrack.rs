@@ -38,12 +38,14 @@
 //! recent openings, oldest first, or failing that from another CPU's
 //! (`make_room`).
 //!
-//! A half-open flow counts in the high half of its slot's count, an
-//! established one in the low half (`HALF_OPEN_ONE`): least connections
-//! weighs half-open ones lightly, and `max_conns`, drains and the status
-//! count established ones. Every change of state is atomic (fetch-or,
-//! compare-and-swap), so exactly one CPU or expire call sees a flow become
-//! established, or become closed, and only that one moves its count.
+//! An established flow counts on its slot's count (`ACTIVE`), which every
+//! CPU shares; a half-open one on the count of the CPU that opened it
+//! (`HALF_OPEN`, `Flow::opened_on`), so that a SYN writes no line that
+//! other CPUs write. Least connections weighs half-open ones lightly (its
+//! own CPU's), and `max_conns`, drains and the status count established
+//! ones. Every change of state is atomic (fetch-or, compare-and-swap), so
+//! exactly one CPU or expire call sees a flow become established, or become
+//! closed, and only that one moves its count.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     programs::XdpContext,
@@ -53,17 +55,17 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
 };
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, RingCursor,
-    Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
+    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, HalfOpenCounts,
+    RingCursor, Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
     MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
-    FLOW_GENERATION_ONE, FLOW_RESET, HALF_OPEN_ONE, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
+    FLOW_GENERATION_ONE, FLOW_RESET, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
 };
 
 use crate::{
     atomic,
     clock::Now,
-    maps::{RoomSearch, ACTIVE, BACKEND_OWNERS, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
+    maps::{RoomSearch, ACTIVE, HALF_OPEN, BACKEND_OWNERS, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
     nat::csum_diffs,
     parse::{tcp_options, TcpOptions, TcpPacket},
     schedule, stats,
@@ -418,8 +420,9 @@ fn touch(own: &mut Flow, now: &Now) {
 fn establish(forward: *mut Flow) {
     let before = atomic::fetch_or(unsafe { &mut (*forward).state }, FLOW_ESTABLISHED);
     if before & FLOW_ESTABLISHED == 0 && !flow_closed(before) {
+        unsafe { uncount_half_open(&*forward) };
         if let Some(count) = unsafe { slot_count((*forward).service, (*forward).slot) } {
-            atomic::add(count, 1u64.wrapping_sub(HALF_OPEN_ONE));
+            atomic::add(count, 1);
         }
         stats::count(Counter::Established);
     }
@@ -432,7 +435,7 @@ fn mark(forward: *mut Flow, bit: u32) -> bool {
     let before = atomic::fetch_or(unsafe { &mut (*forward).state }, bit);
     let closed_now = !flow_closed(before) && flow_closed(before | bit);
     if closed_now {
-        unsafe { release((*forward).service, (*forward).slot, before) };
+        unsafe { release(&*forward, before) };
     }
     closed_now
 }
@@ -443,22 +446,39 @@ fn slot_count(service: u16, slot: u16) -> Option<*mut u64> {
     Some(unsafe { &mut (*counts).active[(slot as u32 & (MAX_BACKENDS - 1)) as usize] })
 }
 
-/// Takes a flow that was live in `state` off its slot's count.
+/// Takes a flow (forward entry) that was live in `state` off its slot's
+/// count.
 #[inline(always)]
-fn release(service: u16, slot: u16, state: u32) {
-    if let Some(count) = slot_count(service, slot) {
-        let one = if state & FLOW_ESTABLISHED != 0 { 1 } else { HALF_OPEN_ONE };
-        atomic::add(count, one.wrapping_neg());
+fn release(flow: &Flow, state: u32) {
+    if state & FLOW_ESTABLISHED != 0 {
+        if let Some(count) = slot_count(flow.service, flow.slot) {
+            atomic::add(count, 1u64.wrapping_neg());
+        }
+    } else {
+        uncount_half_open(flow);
     }
     stats::count(Counter::ClosedFlows);
 }
 
-/// Puts a new flow on its slot's count (as half-open), or takes it off
-/// again (`-1`) where it could not be opened after all.
+/// Puts a new flow on this CPU's half-open count of its slot (`+1`), or
+/// takes it off again (`-1`) where it could not be opened after all. Atomic:
+/// another CPU may be taking one of this CPU's flows off at the same moment.
 #[inline(always)]
-fn count_half_open(service: u16, slot: u16, sign: i64) {
-    if let Some(count) = slot_count(service, slot) {
-        atomic::add(count, HALF_OPEN_ONE.wrapping_mul(sign as u64));
+fn count_half_open(service: u16, slot: u16, sign: i32) {
+    if let Some(counts) = HALF_OPEN.get_ptr_mut(service as u32) {
+        let count = unsafe { &mut (*counts).count[(slot as u32 & (MAX_BACKENDS - 1)) as usize] };
+        atomic::add32(count, sign as u32);
+    }
+}
+
+/// Takes a half-open flow off the count of the CPU that opened it.
+#[inline(always)]
+fn uncount_half_open(flow: &Flow) {
+    let service = flow.service as u32;
+    let counts = unsafe { percpu_elem(&HALF_OPEN as *const _ as *mut c_void, &service, flow.opened_on) } as *mut HalfOpenCounts;
+    if !counts.is_null() {
+        let count = unsafe { &mut (*counts).count[(flow.slot as u32 & (MAX_BACKENDS - 1)) as usize] };
+        atomic::add32(count, 1u32.wrapping_neg());
     }
 }
 
@@ -653,6 +673,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     // The window of a SYN is never scaled (RFC 7323 §2.2).
     forward.window = pkt.window();
     forward.last_seen = now;
+    forward.opened_on = unsafe { bpf_get_smp_processor_id() };
     let reply_key = key.reply(forward);
     let reply_entry = if mode == MODE_NAT { reply_entry_for(&backend, key) } else { ReplyEntry::Now(None) };
     let later = matches!(reply_entry, ReplyEntry::Later);
@@ -725,7 +746,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             if !flow_closed(observed) {
                 // A live flow moving to another backend: the claim above made
                 // this CPU the one that ends it on the old one.
-                unsafe { release((*entry).service, (*entry).slot, observed) };
+                unsafe { release(&*entry, observed) };
             }
             // The old reply entry goes even on the same key when the new
             // flow's is written later: the backend's first answer must not
@@ -1393,7 +1414,7 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
         return false; // a packet changed it meanwhile: not idle after all
     }
     if !flow_closed(observed) {
-        unsafe { release((*forward).service, (*forward).slot, observed) };
+        unsafe { release(&*forward, observed) };
     }
     if let Some(reply) = reply_is_ours {
         if reply_state & FLOW_EXPIRED == 0 {

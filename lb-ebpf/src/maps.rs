@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendHop, BackendOwner, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
+    ActiveCounts, BackendHop, HalfOpenCounts, BackendOwner, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
     ServiceKey, TraceBudget, TraceConfig,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -21,6 +21,11 @@ pub static BACKENDS: Array<BackendSet> = Array::with_max_entries(MAX_SERVICES, 0
 /// Indexed by service id; written only here, with atomic adds.
 #[map]
 pub static ACTIVE: Array<ActiveCounts> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Each CPU's half-open connections per backend, of the flows it opened.
+/// Pinned with `ACTIVE`: the two are the counts.
+#[map]
+pub static HALF_OPEN: PerCpuArray<HalfOpenCounts> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// Two entries per flow: the forward one, keyed as the client sends, and the
 /// reply one, keyed as the backend answers. A nat flow to a backend only

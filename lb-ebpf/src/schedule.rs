@@ -17,7 +17,9 @@
 //! Half-open flows weigh 1/256 of an established one, as in IPVS's `wlc`:
 //! enough that a burst of new connections spreads instead of all going to
 //! the backend that was least loaded when it began, too little for a SYN
-//! flood to push real connections around. `max_conns` caps established
+//! flood to push real connections around. They are this CPU's own (the
+//! flows it opened, `HalfOpenCounts`): a burst spreads over the CPUs its
+//! SYNs arrive on, and each spreads its share. `max_conns` caps established
 //! connections.
 //!
 //! The position breaks ties in favour of the first candidate after a random
@@ -29,9 +31,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
-use lb_common::{ActiveCounts, Backend, BackendSet, MAX_BACKENDS, PICK_TABLE, SCHEDULER_RANDOM_TWO};
+use lb_common::{ActiveCounts, Backend, BackendSet, HalfOpenCounts, MAX_BACKENDS, PICK_TABLE, SCHEDULER_RANDOM_TWO};
 
-use crate::maps::{ACTIVE, BACKENDS};
+use crate::maps::{ACTIVE, BACKENDS, HALF_OPEN};
 
 const INDEX_MASK: u32 = MAX_BACKENDS - 1;
 
@@ -55,6 +57,7 @@ pub struct Choice {
 struct Scan {
     set: *const BackendSet,
     counts: *const ActiveCounts,
+    half_open: *const HalfOpenCounts,
     count: u32,
     start: u32,
     avoid: u32,
@@ -68,12 +71,13 @@ struct Scan {
 pub fn choose(service: u32, avoid: u32) -> Option<Choice> {
     let set = BACKENDS.get_ptr(service)?;
     let counts = ACTIVE.get_ptr(service)?;
+    let half_open = HALF_OPEN.get_ptr(service)?;
     let count = unsafe { (*set).candidate_count };
     if count == 0 || count > MAX_BACKENDS {
         return None;
     }
     let random = unsafe { bpf_get_prandom_u32() };
-    let mut scan = Scan { set, counts, count, start: 0, avoid, _pad: 0, best: NO_KEY };
+    let mut scan = Scan { set, counts, half_open, count, start: 0, avoid, _pad: 0, best: NO_KEY };
     let lowest_tier = unsafe { (*set).lowest_tier_count };
     if unsafe { (*set).scheduler } == SCHEDULER_RANDOM_TWO && lowest_tier >= 2 && lowest_tier <= count {
         // Two candidates of the lowest tier, each picked with a chance in
@@ -125,15 +129,14 @@ extern "C" fn step(i: u64, ctx: *mut c_void) -> i64 {
 fn consider(scan: &mut Scan, index: u32) {
     let candidate = unsafe { &(*scan.set).candidates[(index & INDEX_MASK) as usize] };
     let slot = candidate.slot as u32 & INDEX_MASK;
-    let count = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize]) };
-    let established = count as u32;
+    let established = unsafe { core::ptr::read_volatile(&(*scan.counts).active[slot as usize]) } as u32;
     // Both rare, so these branches are predicted.
     if slot == scan.avoid || established >= candidate.cap {
         return;
     }
     // Below 2^24 established and 2^8 half-open, times at most WEIGHT_SCALE
     // = 2^20: the key does not overflow.
-    let half_open = (count >> 32).min(MAX_HALF_OPEN_WEIGHT);
+    let half_open = unsafe { (*scan.half_open).count[slot as usize] as u64 }.min(MAX_HALF_OPEN_WEIGHT);
     let weighed = (established as u64).min(MAX_ESTABLISHED_WEIGHT) << 8 | half_open;
     let load = weighed * candidate.per_connection as u64;
     let position = index.wrapping_sub(scan.start) & INDEX_MASK;

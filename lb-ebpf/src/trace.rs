@@ -5,9 +5,9 @@
 //! packets.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use aya_log_ebpf::info;
-use lb_common::{Counter, Flow, FlowKey, HALF_OPEN_ONE, TRACE_ANY_SERVICE};
+use lb_common::{Counter, Flow, FlowKey, TRACE_ANY_SERVICE};
 
-use crate::maps::{ACTIVE, BACKENDS, TRACE, TRACE_BUDGET};
+use crate::maps::{ACTIVE, BACKENDS, HALF_OPEN, TRACE, TRACE_BUDGET};
 
 /// Whether a line about `key`, of the service `service()` finds (read only
 /// where the trace is of one service), is wanted now and within this CPU's
@@ -47,13 +47,16 @@ pub fn opened(ctx: &XdpContext, key: &FlowKey, flow: &Flow) {
     if !wanted(key, || service) {
         return;
     }
-    let (Some(set), Some(counts)) = (BACKENDS.get(service), ACTIVE.get(service)) else { return };
+    let (Some(set), Some(counts), Some(half_open)) = (BACKENDS.get(service), ACTIVE.get(service), HALF_OPEN.get(service))
+    else {
+        return;
+    };
     let slot = flow.slot as u32 & INDEX_MASK;
     let count = counts.active[slot as usize];
     let eligible = set.candidate_count;
     info!(
         ctx,
-        "new flow {:i}:{} -> {:i}:{} (service {}): backend {:i}:{} (slot {}), now {} established and {} half-open, the least loaded of {} eligible",
+        "new flow {:i}:{} -> {:i}:{} (service {}): backend {:i}:{} (slot {}), now {} established and {} half-open (this CPU's), the least loaded of {} eligible",
         u32::from_be(key.saddr),
         u16::from_be(key.sport),
         u32::from_be(key.daddr),
@@ -63,7 +66,7 @@ pub fn opened(ctx: &XdpContext, key: &FlowKey, flow: &Flow) {
         u16::from_be(flow.nat_port),
         slot,
         count as u32,
-        (count / HALF_OPEN_ONE) as u32,
+        half_open.count[slot as usize],
         eligible
     );
     // The loads it was chosen among: the first few eligible backends.
@@ -77,14 +80,14 @@ pub fn opened(ctx: &XdpContext, key: &FlowKey, flow: &Flow) {
         let count = counts.active[slot as usize];
         info!(
             ctx,
-            "  eligible {:i}:{} (slot {}, tier {}, weight {}): {} established, {} half-open",
+            "  eligible {:i}:{} (slot {}, tier {}, weight {}): {} established, {} half-open (this CPU's)",
             u32::from_be(backend.addr),
             u16::from_be(backend.port),
             slot,
             candidate.tier,
             backend.weight,
             count as u32,
-            (count / HALF_OPEN_ONE) as u32
+            half_open.count[slot as usize]
         );
     }
 }

@@ -20,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend_index, ActiveCounts, BackendOwner, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
+    backend_index, ActiveCounts, BackendOwner, HalfOpenCounts, HALF_OPEN_ONE, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
     ServiceKey, Timeouts, TraceBudget, TraceConfig, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
     MAX_SERVICES,
 };
@@ -39,6 +39,7 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, BackendSet>,
     active: Array<MapData, ActiveCounts>,
+    half_open: PerCpuArray<MapData, HalfOpenCounts>,
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -59,12 +60,13 @@ pub struct Datapath {
 /// type and the key and value sizes this build reads them with. CLOCK
 /// (written at every load), BACKEND_HOPS (a cache) and the ring of recent
 /// openings start afresh with each program.
-fn pinned_layout() -> [(&'static str, MapType, usize, usize); 8] {
+fn pinned_layout() -> [(&'static str, MapType, usize, usize); 9] {
     use std::mem::size_of;
     [
         ("SERVICES", MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>()),
         ("BACKENDS", MapType::Array, size_of::<u32>(), size_of::<BackendSet>()),
         ("ACTIVE", MapType::Array, size_of::<u32>(), size_of::<ActiveCounts>()),
+        ("HALF_OPEN", MapType::PerCpuArray, size_of::<u32>(), size_of::<HalfOpenCounts>()),
         ("FLOWS", MapType::Hash, size_of::<FlowKey>(), size_of::<Flow>()),
         ("BACKEND_OWNERS", MapType::Hash, size_of::<ServiceKey>(), size_of::<BackendOwner>()),
         ("COUNTERS", MapType::PerCpuArray, size_of::<u32>(), size_of::<Counters>()),
@@ -158,7 +160,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("FLOWS", max_flows.checked_mul(2).context("max_flows too large")?);
         let max_services = max_services.clamp(1, MAX_SERVICES);
-        for name in ["SERVICES", "BACKENDS", "ACTIVE"] {
+        for name in ["SERVICES", "BACKENDS", "ACTIVE", "HALF_OPEN"] {
             loader.map_max_entries(name, max_services);
         }
         for name in ["BACKEND_STATS", "BACKEND_HOPS", "BACKEND_OWNERS"] {
@@ -213,6 +215,7 @@ impl Datapath {
             services: take("SERVICES")?.try_into()?,
             backends: backends.try_into()?,
             active: take("ACTIVE")?.try_into()?,
+            half_open: take("HALF_OPEN")?.try_into()?,
             flows: flows.try_into()?,
             counters: take("COUNTERS")?.try_into()?,
             backend_stats: take("BACKEND_STATS")?.try_into()?,
@@ -410,8 +413,15 @@ impl Maps for Datapath {
         Ok(())
     }
 
+    /// The established counts, with every CPU's half-open ones added in.
     fn active_counts(&self, service: u32) -> Result<ActiveCounts> {
-        Ok(self.active.get(&service, 0)?)
+        let mut counts = self.active.get(&service, 0)?;
+        for cpu in self.half_open.get(&service, 0)?.iter() {
+            for (count, half_open) in counts.active.iter_mut().zip(cpu.count) {
+                *count = count.wrapping_add(HALF_OPEN_ONE * half_open as u64);
+            }
+        }
+        Ok(counts)
     }
 
     /// Slots `0..slots` of a service, summed over CPUs, read with one
