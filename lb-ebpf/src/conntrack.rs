@@ -616,16 +616,8 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
 
     // The reply entry: the backend's answers get the VIP as their source
     // and the client as their destination.
-    let reply = &mut scratch.reply;
-    zero(reply);
-    reply.service = service;
-    reply.slot = choice.slot;
-    reply.nat_addr = key.daddr;
-    reply.nat_port = key.dport;
-    reply.peer_addr = key.saddr;
-    reply.peer_port = key.sport;
-    reply.direction = DIR_REPLY;
-    reply.mode = mode;
+    let (vip, client) = ((key.daddr, key.dport), (key.saddr, key.sport));
+    new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
     // What the backend sees as the client: the client itself (nat), or an
     // address and port of the balancer's, taken by inserting the reply entry
     // under them (full NAT).
@@ -657,15 +649,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         csum_diffs((key.daddr, key.dport), (backend.addr, backend.port), (key.saddr, key.sport), (peer_addr, peer_port))
     };
     let forward = &mut scratch.forward;
-    zero(forward);
-    forward.service = service;
-    forward.slot = choice.slot;
-    forward.nat_addr = backend.addr;
-    forward.nat_port = backend.port;
-    forward.peer_addr = peer_addr;
-    forward.peer_port = peer_port;
-    forward.direction = DIR_FORWARD;
-    forward.mode = mode;
+    new_entry(forward, service, choice.slot, (backend.addr, backend.port), (peer_addr, peer_port), DIR_FORWARD, mode);
     forward.wscale = options.scale as u8;
     forward.ip_csum_diff = ip_diff;
     forward.l4_csum_diff = l4_diff;
@@ -782,6 +766,21 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     Opened::Flow(&scratch.forward)
 }
 
+/// Zeroes `flow` (with word stores, not this target's byte-at-a-time
+/// `memset`) and sets what every entry has: its service and slot, the
+/// address and port its packets are rewritten to (`nat`), those of the
+/// other side (`peer`), its direction and mode.
+#[inline(always)]
+fn new_entry(flow: &mut Flow, service: u16, slot: u16, nat: (u32, u16), peer: (u32, u16), direction: u8, mode: u8) {
+    zero(flow);
+    flow.service = service;
+    flow.slot = slot;
+    (flow.nat_addr, flow.nat_port) = nat;
+    (flow.peer_addr, flow.peer_port) = peer;
+    flow.direction = direction;
+    flow.mode = mode;
+}
+
 /// When a new nat flow's reply entry is written.
 enum ReplyEntry {
     /// At the backend's first answer (`lazy_reply`): only this service
@@ -891,15 +890,7 @@ fn write_lazy_reply(key: &FlowKey) -> i32 {
     let reply = unsafe { &mut (*scratch).reply };
     let client = (key.daddr, key.dport);
     let (ip_diff, l4_diff) = csum_diffs((key.saddr, key.sport), (vip, port), client, client);
-    zero(reply);
-    reply.service = service;
-    reply.slot = slot;
-    reply.nat_addr = vip;
-    reply.nat_port = port;
-    reply.peer_addr = key.daddr;
-    reply.peer_port = key.dport;
-    reply.direction = DIR_REPLY;
-    reply.mode = MODE_NAT;
+    new_entry(reply, service, slot, (vip, port), client, DIR_REPLY, MODE_NAT);
     reply.ip_csum_diff = ip_diff;
     reply.l4_csum_diff = l4_diff;
     match FLOWS.insert(key, reply, BPF_NOEXIST as u64) {
