@@ -221,6 +221,12 @@ pub struct ActiveCounts {
     pub active: [u64; MAX_BACKENDS as usize],
 }
 
+impl Default for ActiveCounts {
+    fn default() -> Self {
+        Self { active: [0; MAX_BACKENDS as usize] }
+    }
+}
+
 /// Half-open connections per backend slot of one service that one CPU
 /// opened (the per-CPU map `HALF_OPEN`). A SYN counts its flow on its own
 /// CPU's line, not on a line every CPU writes; whichever CPU completes or
@@ -236,12 +242,6 @@ pub struct HalfOpenCounts {
 impl Default for HalfOpenCounts {
     fn default() -> Self {
         Self { count: [0; MAX_BACKENDS as usize] }
-    }
-}
-
-impl Default for ActiveCounts {
-    fn default() -> Self {
-        Self { active: [0; MAX_BACKENDS as usize] }
     }
 }
 

@@ -20,9 +20,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend_index, ActiveCounts, BackendOwner, HalfOpenCounts, HALF_OPEN_ONE, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey, Service,
-    ServiceKey, Timeouts, TraceBudget, TraceConfig, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE, EXPIRE_RESET, LAYOUT_HASH, MAX_BACKENDS,
-    MAX_SERVICES,
+    backend_index, ActiveCounts, BackendOwner, BackendSet, BackendStats, Clock, Counters, ExpireRequest, Flow, FlowKey,
+    HalfOpenCounts, Service, ServiceKey, Timeouts, TraceBudget, TraceConfig, COUNTER_COUNT, EXPIRE_BATCH, EXPIRE_IDLE,
+    EXPIRE_RESET, HALF_OPEN_ONE, LAYOUT_HASH, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use super::{
