@@ -198,15 +198,20 @@ fn the_next_agents_program_writes_the_reply_entries_of_flows_the_last_one_opened
         first.add_service(&another_service("web", VIP, &[backend(0)])).unwrap();
         let (verdict, out) = run(&first, &Tcp::new(client(50060), VIP, SYN).seq(ISN).frame());
         assert_eq!((verdict, inspect(&out).dst), (XDP_REDIRECT, backend(0)));
+        assert_eq!((active(&first), half_open(&first)), (vec![0], vec![1]));
         // kill -9: the program and its lock go, the pinned maps stay.
         drop((first, lock));
 
-        let (next, reused, _lock) = load();
+        let (mut next, reused, _lock) = load();
         assert!(reused, "the pinned maps are taken over");
         let syn_ack = Tcp::new(backend(0), client(50060), SYN | ACK).seq(BACKEND_ISN).ack(ISN + 1);
         let (verdict, out) = run(&next, &syn_ack.frame());
         assert_eq!((verdict, inspect(&out).src), (XDP_REDIRECT, VIP), "the answer reaches the client from the VIP");
         let ack = Tcp::new(client(50060), VIP, ACK).seq(ISN + 1).ack(BACKEND_ISN + 1);
         assert_eq!(run(&next, &ack.frame()).0, XDP_REDIRECT, "the handshake completes");
+        // The half-open count the killed agent's program kept (on the CPU
+        // that opened the flow) came over with the pins, and came off.
+        next.add_service(&another_service("web", VIP, &[backend(0)])).unwrap();
+        assert_eq!((active(&next), half_open(&next)), (vec![1], vec![0]));
     });
 }
