@@ -65,7 +65,10 @@ use lb_common::{
 use crate::{
     atomic,
     clock::Now,
-    maps::{RoomSearch, ACTIVE, HALF_OPEN, BACKEND_OWNERS, CLOCK, FLOWS, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH, SERVICES},
+    maps::{
+        RoomSearch, ACTIVE, BACKEND_OWNERS, CLOCK, FLOWS, HALF_OPEN, OPENED, OPENED_CURSOR, OPEN_SCRATCH, ROOM_SEARCH,
+        SERVICES,
+    },
     nat::csum_diffs,
     parse::{tcp_options, TcpOptions, TcpPacket},
     schedule, stats,

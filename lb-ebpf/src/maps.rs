@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    ActiveCounts, BackendHop, HalfOpenCounts, BackendOwner, BackendSet, RingCursor, BackendStats, Clock, Counters, Flow, FlowKey, NextHop, Service,
-    ServiceKey, TraceBudget, TraceConfig,
+    ActiveCounts, BackendHop, BackendOwner, BackendSet, BackendStats, Clock, Counters, Flow, FlowKey, HalfOpenCounts,
+    NextHop, RingCursor, Service, ServiceKey, TraceBudget, TraceConfig,
     DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_SERVICES,
 };
 
