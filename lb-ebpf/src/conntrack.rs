@@ -617,14 +617,15 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     };
     let scratch = unsafe { &mut *scratch };
 
-    // The reply entry: the backend's answers get the VIP as their source
-    // and the client as their destination.
+    // The reply entry, where the flow gets one with its SYN (full NAT, and
+    // nat to a shared backend): the backend's answers get the VIP as their
+    // source and the client as their destination.
     let (vip, client) = ((key.daddr, key.dport), (key.saddr, key.sport));
-    new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
     // What the backend sees as the client: the client itself (nat), or an
     // address and port of the balancer's, taken by inserting the reply entry
     // under them (full NAT).
     let (peer_addr, peer_port) = if full_nat {
+        new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
         let syn = (pkt.seq(), options);
         let mut taken = take_port(key, service_row, &backend, &mut scratch.reply, syn);
         if taken == TABLE_FULL && make_room(now) {
@@ -697,6 +698,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
                 }
             }
         }
+        new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
         let (ip_diff, l4_diff) = reply_diffs(key, &backend, peer_addr, peer_port);
         scratch.reply.ip_csum_diff = ip_diff;
         scratch.reply.l4_csum_diff = l4_diff;

@@ -124,3 +124,7 @@ pub struct RoomSearch {
 
 #[map]
 pub static ROOM_SEARCH: PerCpuArray<RoomSearch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The TCP options each CPU read last (`parse::tcp_options`). Not pinned.
+#[map]
+pub static OPTIONS_FOUND: PerCpuArray<crate::parse::TcpOptions> = PerCpuArray::with_max_entries(1, 0);

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{Counter, FlowKey, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::zero::zero;
+use crate::{maps::OPTIONS_FOUND, zero::zero};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 /// More-fragments flag and fragment offset.
@@ -125,14 +125,71 @@ pub struct TcpOptions {
     pub ts: u32,
 }
 
-/// The options of a handshake or closing segment. Only those pay for the
-/// walk, which runs under `bpf_loop` so the verifier checks its step once.
+/// The options of a handshake or closing segment. Linux's layouts are
+/// read in place (`common_options`); others are walked (`walk_options`).
 #[inline(always)]
 pub fn tcp_options(ctx: &XdpContext, pkt: &TcpPacket) -> TcpOptions {
-    let len = (pkt.header_len as usize).saturating_sub(TcpHdr::LEN).min(MAX_OPTIONS);
-    if len == 0 {
+    let Some(found) = OPTIONS_FOUND.get_ptr_mut(0) else {
+        return TcpOptions::default();
+    };
+    // Whichever reads them leaves them in this CPU's `OPTIONS_FOUND`, in
+    // map memory, and they are read back from there: the verifier then
+    // carries one state on, not one per layout (one each went past its
+    // limit of a million instructions).
+    if !common_options(ctx, pkt, unsafe { &mut *found }) {
+        let walked = walk_options(ctx, pkt);
+        unsafe { *found = walked };
+    }
+    unsafe { core::ptr::read_volatile(found) }
+}
+
+/// Bytes of options in `pkt`'s header. Worked out afresh by each reader,
+/// and masked, so that neither LLVM nor the verifier ties what one learns
+/// of it to the other or to the header's length (another state per layout).
+#[inline(always)]
+fn options_len(pkt: &TcpPacket) -> usize {
+    let header = (unsafe { core::ptr::read_volatile(&pkt.header_len) } & 0xff) as usize;
+    header.saturating_sub(TcpHdr::LEN).min(MAX_OPTIONS)
+}
+
+/// None, or Linux's SYN and SYN-ACK options (MSS, SACK permitted,
+/// timestamps, a NOP, window scale) or the timestamps every stack puts on
+/// later segments (two NOPs, timestamps), read where they lie in the
+/// packet: most segments that carry options, without a copy and a walk.
+/// False, leaving `found` as it was, for any other layout.
+#[inline(always)]
+fn common_options(ctx: &XdpContext, pkt: &TcpPacket, found: &mut TcpOptions) -> bool {
+    // A pointer of its own, from the frame's start: the verifier learns the
+    // bounds checked here of it alone, not of the packet's header pointers.
+    let start = ctx.data() + (pkt.tcp_offset as usize & 0xff) + TcpHdr::LEN;
+    let fits = |bytes: usize| start + bytes <= ctx.data_end();
+    let word = |at: usize| unsafe { u32::from_be(core::ptr::read_unaligned((start + at) as *const u32)) };
+    let options = match options_len(pkt) {
+        0 => TcpOptions::default(),
+        20 if fits(20) && word(0) >> 16 == 0x0204 && word(4) == 0x0402_080a && word(16) >> 8 == 0x01_0303 => TcpOptions {
+            scale: (word(16) as u8).min(MAX_WINDOW_SCALE) as u32,
+            ts_seen: 1,
+            ts: word(8),
+        },
+        12 if fits(12) && word(0) == 0x0101_080a => TcpOptions { scale: 0, ts_seen: 1, ts: word(4) },
+        _ => return false,
+    };
+    *found = options;
+    true
+}
+
+/// Options of any layout, copied out of the packet and walked under
+/// `bpf_loop`, so the verifier checks its step once.
+#[inline(always)]
+fn walk_options(ctx: &XdpContext, pkt: &TcpPacket) -> TcpOptions {
+    // Checked for none as the header's length: LLVM turns a check of the
+    // options' own into that anyway, and the verifier then does not know
+    // the copy's length is not 0.
+    let header = options_len(pkt) + TcpHdr::LEN;
+    if header <= TcpHdr::LEN {
         return TcpOptions::default();
     }
+    let len = header - TcpHdr::LEN;
     let offset = pkt.tcp_offset as usize + TcpHdr::LEN;
     let mut walk = MaybeUninit::<OptionWalk>::uninit();
     zero(walk.as_mut_ptr());
@@ -148,25 +205,6 @@ pub fn tcp_options(ctx: &XdpContext, pkt: &TcpPacket) -> TcpOptions {
     walk.found
 }
 
-/// Linux's SYN and SYN-ACK options (MSS, SACK permitted, timestamps, a NOP,
-/// window scale) and the timestamps every stack puts on later segments (two
-/// NOPs, timestamps), read at their places: most segments that carry
-/// options, in one step of the walk instead of five. `None` for any other
-/// layout.
-#[inline(always)]
-fn common_options(bytes: &[u8; MAX_OPTIONS + 4], len: u32) -> Option<TcpOptions> {
-    let word = |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    match len {
-        20 if word(0) >> 16 == 0x0204 && word(4) == 0x0402_080a && word(16) >> 8 == 0x01_0303 => Some(TcpOptions {
-            scale: (bytes[19].min(MAX_WINDOW_SCALE)) as u32,
-            ts_seen: 1,
-            ts: word(8),
-        }),
-        12 if word(0) == 0x0101_080a => Some(TcpOptions { scale: 0, ts_seen: 1, ts: word(4) }),
-        _ => None,
-    }
-}
-
 /// One option: returns 1 to stop the walk.
 #[inline(never)]
 extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
@@ -174,12 +212,6 @@ extern "C" fn option_step(_index: u64, ctx: *mut c_void) -> i64 {
     let at = walk.at as usize;
     if at >= walk.len as usize || at >= MAX_OPTIONS {
         return 1;
-    }
-    if at == 0 {
-        if let Some(found) = common_options(&walk.bytes, walk.len) {
-            walk.found = found;
-            return 1;
-        }
     }
     let (Some(&kind), Some(&len), Some(&value)) = (walk.bytes.get(at), walk.bytes.get(at + 1), walk.bytes.get(at + 2))
     else {
