@@ -18,7 +18,7 @@ use lb_common::{Counter, TraceConfig, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERV
 
 use crate::targets::Check;
 use lb_tests::{
-    packet::{linux_syn_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
+    packet::{linux_syn_options, timestamp_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
     routed::{balancer, balancer_scheduling, from_backend, from_client, on_cpu, routed_host, CLIENT, VIP},
 };
 
@@ -199,6 +199,28 @@ pub fn run() -> (String, Vec<Check>) {
             let entries = b.datapath.flows().len();
             add(case, time(&b, &answers, XDP_PASS));
             assert_eq!(b.datapath.flows().len() - entries, CALLS, "every answer wrote its flow's reply entry");
+        }
+        // The clients' ACKs that complete those handshakes, with the
+        // timestamps Linux puts on them: each flow goes from its opener's
+        // half-open count to the shared established count.
+        let case = "client's ACK completing the handshake, 3 backends";
+        if wanted(case) {
+            let b = balancer(&[1, 1, 1], 1_000_000);
+            let acks: Vec<Vec<u8>> = syns(0, CALLS)
+                .iter()
+                .enumerate()
+                .map(|(i, syn)| {
+                    let (_, out) = b.datapath.run_packet(syn).unwrap();
+                    let backend = lb_tests::packet::inspect(&out).dst;
+                    let answer = Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+                    b.datapath.run_packet(&answer.tcp_options(&linux_syn_options(i as u32)).frame()).unwrap();
+                    Tcp::new(client(i), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1).tcp_options(&timestamp_options(i as u32)).frame()
+                })
+                .collect();
+            add(case, time(&b, &acks, XDP_REDIRECT));
+            let counts = b.datapath.active_counts(0).unwrap();
+            let established: u64 = counts.active.iter().map(|&c| lb_common::established_count(c)).sum();
+            assert_eq!(established, CALLS as u64, "every ACK completed its handshake");
         }
         // Full NAT: the SYN also takes a port (its reply entry inserted
         // only where free). The widest range, so the 20,000 flows fill a
