@@ -91,6 +91,11 @@ pub const FLOW_ESTABLISHED: u32 = 16;
 /// Closed by the agent (its backend died, policy `reset`): the client's next
 /// packets are answered with an RST from the VIP.
 pub const FLOW_ABORTED: u32 = 32;
+/// The backend answered the client's SYN with a SYN-ACK acknowledging it
+/// (nat and full NAT); the forward entry's `acked` then holds what the
+/// client's ACK must acknowledge to complete the handshake. The client's
+/// ACK is judged on the forward entry alone, not its reply entry too.
+pub const FLOW_ANSWERED: u32 = 64;
 const FLOW_BOTH_FIN: u32 = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
 /// The high bits count reuses of the entry, so a compare-and-swap never
 /// mistakes a reused entry for the one it read.

@@ -68,7 +68,7 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 77] = [
+    let numbers: [usize; 78] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
         offset_of!(Service, snat_count), offset_of!(Service, port_first),
@@ -96,7 +96,7 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(BackendStats, unanswered), size_of::<Counters>(), COUNTER_COUNT,
         // The state bits and their meaning.
         FLOW_ESTABLISHED as usize, FLOW_ABORTED as usize, FLOW_RESET as usize, FLOW_EXPIRED as usize,
-        FLOW_GENERATION_ONE as usize,
+        FLOW_ANSWERED as usize, FLOW_GENERATION_ONE as usize,
     ];
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;

@@ -58,7 +58,7 @@ use lb_common::{
     flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, HalfOpenCounts,
     RingCursor, Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
     MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
-    FLOW_GENERATION_ONE, FLOW_RESET, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
+    FLOW_ANSWERED, FLOW_GENERATION_ONE, FLOW_RESET, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
     TCP_SYN,
 };
 
@@ -155,12 +155,9 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
                     // all there is to see is an ACK right after the SYN.
                     pkt.seq() == own.seq_next
                 } else {
-                    match peer_of(key, own) {
-                        Some(reply) => unsafe {
-                            (*reply).last_seen != 0 && pkt.ack_seq() == (*reply).seq_next
-                        },
-                        None => false,
-                    }
+                    // The backend's SYN-ACK was seen (`first_answer`), and
+                    // this acknowledges it.
+                    state & FLOW_ANSWERED != 0 && pkt.ack_seq() == own.acked
                 };
             if !completes {
                 return Tracked::Drop(Counter::OutOfState);
@@ -229,7 +226,7 @@ fn plausible(own: &Flow, pkt: &TcpPacket) -> bool {
 #[inline(always)]
 fn settled(own: &Flow) -> bool {
     if own.direction == DIR_FORWARD {
-        own.state & (FLAG_BITS & !FLOW_BACKEND_FIN & !FLOW_CLIENT_FIN) == FLOW_ESTABLISHED
+        own.state & (FLAG_BITS & !FLOW_BACKEND_FIN & !FLOW_CLIENT_FIN & !FLOW_ANSWERED) == FLOW_ESTABLISHED
     } else {
         own.direction == DIR_REPLY && own.last_seen != 0
     }
@@ -386,7 +383,24 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     reply.seq_next = pkt.seq_end();
     reply.acked = pkt.ack_seq();
     reply.last_seen = now.ticks;
+    note_answered(unsafe { &mut *forward }, reply.seq_next);
     Tracked::Forward
+}
+
+/// Marks the forward entry answered, with what the client's ACK must
+/// acknowledge (`FLOW_ANSWERED`). By compare-and-swap, so that neither a
+/// close on another CPU nor a new flow that took the 5-tuple over a moment
+/// ago (its generation) is written over. Where the swap loses, the flow is
+/// closed or another one (whose ACK is judged by its own answer), or the
+/// client's FIN came first: its ACK is then dropped, and it retransmits.
+#[inline(always)]
+fn note_answered(forward: &mut Flow, expected_ack: u32) {
+    let observed = unsafe { core::ptr::read_volatile(&forward.state) };
+    if observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 || flow_closed(observed) {
+        return;
+    }
+    forward.acked = expected_ack;
+    atomic::compare_exchange(&mut forward.state, observed, observed | FLOW_ANSWERED);
 }
 
 /// Follows what the sender has sent, acknowledged and offered.

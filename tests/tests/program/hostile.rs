@@ -160,6 +160,10 @@ fn a_half_open_flow_is_not_established_and_stray_segments_cannot_make_it_so() {
         // from the backend but its SYN-ACK or refusal acknowledging the SYN.
         let stray_ack = Tcp::new(client(60010), VIP, ACK).seq(ISN.wrapping_add(1)).ack(12345);
         assert_eq!(run(b, &stray_ack.frame()).0, XDP_DROP);
+        // Nor one acknowledging 0: what the flow holds as the number to
+        // acknowledge until the backend answers.
+        let zero_ack = Tcp::new(client(60010), VIP, ACK).seq(ISN.wrapping_add(1)).ack(0);
+        assert_eq!(run(b, &zero_ack.frame()).0, XDP_DROP);
         let stray_reply =
             Tcp::new(conn.backend, client(60010), ACK | PSH).seq(5).ack(ISN.wrapping_add(1)).payload(b"x");
         assert_eq!(run(b, &stray_reply.frame()).0, XDP_DROP);
@@ -172,7 +176,7 @@ fn a_half_open_flow_is_not_established_and_stray_segments_cannot_make_it_so() {
         conn.answer(b, BACKEND_ISN);
         let wrong_ack = Tcp::new(client(60010), VIP, ACK).seq(ISN.wrapping_add(1)).ack(BACKEND_ISN.wrapping_add(9));
         assert_eq!(run(b, &wrong_ack.frame()).0, XDP_DROP);
-        assert_eq!((counter(b, Counter::OutOfState), counter(b, Counter::RstOutOfWindow)), (4, 1));
+        assert_eq!((counter(b, Counter::OutOfState), counter(b, Counter::RstOutOfWindow)), (5, 1));
         assert_eq!((active(b), half_open(b)), (vec![0], vec![1]));
         assert_eq!(conn.send_client(b, ACK, b"").0, XDP_REDIRECT);
         assert_eq!((active(b), half_open(b)), (vec![1], vec![0]));
