@@ -5,10 +5,13 @@
 //! A flow's life, in its forward entry's state bits:
 //!
 //! ```text
-//!   client SYN ──► half-open ── backend SYN-ACK acking the SYN ──►
+//!   client SYN ──► half-open ── backend SYN-ACK acking the SYN ──► answered
 //!              ── client ACK acking the SYN-ACK ──► established
 //!   ── exact RST, or FIN both ways, or the agent, or aging ──► closed
 //! ```
+//!
+//! "Answered" (`FLOW_ANSWERED`) keeps in the forward entry what the client's
+//! ACK must acknowledge, so that ACK is judged without the reply entry.
 //!
 //! Each entry follows what its direction's sender has sent, acknowledged
 //! and offered (`seq_next`, `acked`, `window`). A segment that changes a
