@@ -362,6 +362,9 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     let Some(forward) = forward_of_reply(key, reply) else {
         return Tracked::Drop(Counter::OutOfState);
     };
+    // The flow as it is judged here: its answer marks it, not a new flow
+    // that takes the 5-tuple over meanwhile.
+    let judged = unsafe { core::ptr::read_volatile(&(*forward).state) };
     let acks_syn = pkt.flags & TCP_ACK != 0 && pkt.ack_seq() == unsafe { (*forward).seq_next };
     if pkt.flags & TCP_RST != 0 {
         if !acks_syn {
@@ -386,25 +389,34 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     reply.seq_next = pkt.seq_end();
     reply.acked = pkt.ack_seq();
     reply.last_seen = now.ticks;
-    note_answered(unsafe { &mut *forward }, reply.seq_next);
+    note_answered(unsafe { &mut *forward }, judged, reply.seq_next);
     Tracked::Forward
 }
 
 /// Marks the forward entry answered, with what the client's ACK must
-/// acknowledge (`FLOW_ANSWERED`). By compare-and-swap, so that neither a
-/// close on another CPU nor a new flow that took the 5-tuple over a moment
-/// ago (its generation) is written over. Where the swap loses, the flow is
-/// closed or another one (whose ACK is judged by its own answer), or the
-/// client's FIN came first: its ACK is then dropped, and it retransmits.
+/// acknowledge (`FLOW_ANSWERED`). By compare-and-swap, retried while the
+/// entry is still the flow that was judged (`judged`, its state then: the
+/// same generation) and open: a closing bit set on another CPU meanwhile
+/// is kept, and a new flow that took the 5-tuple over is left alone (its
+/// own answer marks it).
 #[inline(always)]
-fn note_answered(forward: &mut Flow, expected_ack: u32) {
-    let observed = unsafe { core::ptr::read_volatile(&forward.state) };
-    if observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 || flow_closed(observed) {
-        return;
+fn note_answered(forward: &mut Flow, judged: u32, expected_ack: u32) {
+    for _ in 0..ANSWER_TRIES {
+        let observed = unsafe { core::ptr::read_volatile(&forward.state) };
+        let same_flow = (observed ^ judged) & !FLAG_BITS == 0;
+        if !same_flow || observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 || flow_closed(observed) {
+            return;
+        }
+        forward.acked = expected_ack;
+        if atomic::compare_exchange(&mut forward.state, observed, observed | FLOW_ANSWERED) {
+            return;
+        }
     }
-    forward.acked = expected_ack;
-    atomic::compare_exchange(&mut forward.state, observed, observed | FLOW_ANSWERED);
 }
+
+/// Each try loses only to another change of the flow's state bits, of
+/// which there are a handful.
+const ANSWER_TRIES: u32 = 4;
 
 /// Follows what the sender has sent, acknowledged and offered.
 #[inline(always)]

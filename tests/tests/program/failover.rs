@@ -4,7 +4,7 @@
 use lb::{
     api::Admin,
     config::BackendConfig,
-    datapath::{Maps, XDP_DROP, XDP_REDIRECT},
+    datapath::{Maps, XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::Counter;
 use lb_tests::{
@@ -66,6 +66,15 @@ fn an_unanswered_syn_retransmission_moves_to_another_backend() {
         assert_ne!(first, second, "moved away from the silent backend");
         assert_eq!(passive(b, backend_index(first)), (0, 1));
         assert_eq!(half_open(b).iter().sum::<u64>(), 1);
+        // The silent backend answers after all, late: no flow's answer any
+        // more. The client's ACK of it (its kernel would refuse that
+        // SYN-ACK, but a forger need not) completes nothing.
+        let late_isn = BACKEND_ISN ^ 0x5555_0000;
+        let late = Tcp::new(first, client(50002), SYN | ACK).seq(late_isn).ack(CLIENT_ISN + 1);
+        assert_eq!(run(b, &late.frame()).0, XDP_PASS, "to the kernel, which refuses it");
+        let ack_of_late = from_client(50002, ACK).seq(CLIENT_ISN + 1).ack(late_isn + 1);
+        assert_eq!(run(b, &ack_of_late.frame()).0, XDP_DROP);
+        assert_eq!(active(b).iter().sum::<u64>(), 0);
         // Once answered, a retransmitted SYN stays.
         complete(b, 50002, second);
         assert_eq!(retransmit_syn(b, 50002), second);
