@@ -78,6 +78,21 @@ fn client(i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(base + (i / 50_000) as u32), 10_000 + (i % 50_000) as u16)
 }
 
+/// Opens a flow for each client of `syns(0, CALLS)` (not timed) and returns
+/// its backend's SYN-ACK, with Linux's options.
+fn syn_acks(b: &Balancer) -> Vec<Vec<u8>> {
+    syns(0, CALLS)
+        .iter()
+        .enumerate()
+        .map(|(i, syn)| {
+            let (_, out) = b.datapath.run_packet(syn).unwrap();
+            let backend = lb_tests::packet::inspect(&out).dst;
+            let answer = Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+            answer.tcp_options(&linux_syn_options(i as u32)).frame()
+        })
+        .collect()
+}
+
 /// New flows' SYNs, with the options a Linux client sends, which the
 /// balancer reads.
 fn syns(from: usize, count: usize) -> Vec<Vec<u8>> {
@@ -183,19 +198,7 @@ pub fn run() -> (String, Vec<Check>) {
         let case = "backend's first answer (SYN-ACK), 3 backends";
         if wanted(case) {
             let b = balancer(&[1, 1, 1], 1_000_000);
-            let answers: Vec<Vec<u8>> = syns(0, CALLS)
-                .iter()
-                .enumerate()
-                .map(|(i, syn)| {
-                    let (_, out) = b.datapath.run_packet(syn).unwrap();
-                    let backend = lb_tests::packet::inspect(&out).dst;
-                    Tcp::new(backend, client(i), SYN | ACK)
-                        .seq(BACKEND_ISN)
-                        .ack(CLIENT_ISN + 1)
-                        .tcp_options(&linux_syn_options(i as u32))
-                        .frame()
-                })
-                .collect();
+            let answers = syn_acks(&b);
             let entries = b.datapath.flows().len();
             add(case, time(&b, &answers, XDP_PASS));
             assert_eq!(b.datapath.flows().len() - entries, CALLS, "every answer wrote its flow's reply entry");
@@ -206,15 +209,13 @@ pub fn run() -> (String, Vec<Check>) {
         let case = "client's ACK completing the handshake, 3 backends";
         if wanted(case) {
             let b = balancer(&[1, 1, 1], 1_000_000);
-            let acks: Vec<Vec<u8>> = syns(0, CALLS)
-                .iter()
-                .enumerate()
-                .map(|(i, syn)| {
-                    let (_, out) = b.datapath.run_packet(syn).unwrap();
-                    let backend = lb_tests::packet::inspect(&out).dst;
-                    let answer = Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
-                    b.datapath.run_packet(&answer.tcp_options(&linux_syn_options(i as u32)).frame()).unwrap();
-                    Tcp::new(client(i), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1).tcp_options(&timestamp_options(i as u32)).frame()
+            for answer in syn_acks(&b) {
+                b.datapath.run_packet(&answer).unwrap();
+            }
+            let acks: Vec<Vec<u8>> = (0..CALLS)
+                .map(|i| {
+                    let ack = Tcp::new(client(i), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
+                    ack.tcp_options(&timestamp_options(i as u32)).frame()
                 })
                 .collect();
             add(case, time(&b, &acks, XDP_REDIRECT));
