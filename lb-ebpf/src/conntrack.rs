@@ -235,16 +235,6 @@ fn settled(own: &Flow) -> bool {
     }
 }
 
-/// The entry of the other direction.
-#[inline(always)]
-fn peer_of(key: &FlowKey, own: &Flow) -> Option<*mut Flow> {
-    if own.direction == DIR_FORWARD {
-        FLOWS.get_ptr_mut(&key.reply(own))
-    } else {
-        forward_of_reply(key, own)
-    }
-}
-
 /// The forward entry a reply entry belongs to: its client is the reply's
 /// destination, its VIP the reply's rewrite target, and it chose the same
 /// backend slot (a reused entry may not have).
@@ -276,13 +266,10 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
     let Some(forward) = forward_entry else {
         return Some(Counter::OutOfState);
     };
-    // A nat flow's reply entry may not be written yet (`lazy_reply`): then
-    // the backend has not answered, and the client's side has nothing
-    // acknowledged to judge against.
-    let peer = peer_of(key, own);
-    if peer.is_none() && own.direction != DIR_FORWARD {
-        return Some(Counter::OutOfState);
-    }
+    // The other direction's entry: a reply's is the forward entry just
+    // found. A nat flow's reply entry may not be written yet (`lazy_reply`):
+    // then the backend has not answered and has acknowledged nothing.
+    let peer = if own.direction == DIR_FORWARD { FLOWS.get_ptr_mut(&key.reply(own)) } else { forward_entry };
     let state = unsafe { core::ptr::read_volatile(&(*forward).state) };
     // The receiver, if it has acknowledged anything yet.
     let acked = peer.map(|p| unsafe { &*p }).filter(|p| has_acked(p, state));

@@ -14,11 +14,11 @@ use lb::{
     config::Scheduler,
     datapath::{Maps, XDP_PASS, XDP_REDIRECT},
 };
-use lb_common::{Counter, TraceConfig, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERVICE};
+use lb_common::{Counter, TraceConfig, DIR_FORWARD, FLOW_BACKEND_FIN, MAX_BACKENDS, MAX_SERVICES, TRACE_ANY_SERVICE};
 
 use crate::targets::Check;
 use lb_tests::{
-    packet::{linux_syn_options, timestamp_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, SYN},
+    packet::{linux_syn_options, timestamp_options, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, SYN},
     routed::{balancer, balancer_scheduling, from_backend, from_client, on_cpu, routed_host, CLIENT, VIP},
 };
 
@@ -79,18 +79,28 @@ fn client(i: usize) -> SocketAddrV4 {
 }
 
 /// Opens a flow for each client of `syns(0, CALLS)` (not timed) and returns
-/// its backend's SYN-ACK, with Linux's options.
-fn syn_acks(b: &Balancer) -> Vec<Vec<u8>> {
-    syns(0, CALLS)
-        .iter()
-        .enumerate()
-        .map(|(i, syn)| {
-            let (_, out) = b.datapath.run_packet(syn).unwrap();
-            let backend = lb_tests::packet::inspect(&out).dst;
-            let answer = Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
-            answer.tcp_options(&linux_syn_options(i as u32)).frame()
-        })
-        .collect()
+/// the backend each went to.
+fn open_flows(b: &Balancer) -> Vec<SocketAddrV4> {
+    syns(0, CALLS).iter().map(|syn| lb_tests::packet::inspect(&b.datapath.run_packet(syn).unwrap().1).dst).collect()
+}
+
+/// The backend's SYN-ACK to client `i`, with Linux's options.
+fn syn_ack(backend: SocketAddrV4, i: usize) -> Vec<u8> {
+    let answer = Tcp::new(backend, client(i), SYN | ACK).seq(BACKEND_ISN).ack(CLIENT_ISN + 1);
+    answer.tcp_options(&linux_syn_options(i as u32)).frame()
+}
+
+/// Client `i`'s ACK of its backend's SYN-ACK, with Linux's timestamps.
+fn handshake_ack(i: usize) -> Vec<u8> {
+    let ack = Tcp::new(client(i), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
+    ack.tcp_options(&timestamp_options(i as u32)).frame()
+}
+
+/// Runs `frames` through the balancer, not timed.
+fn run_all(b: &Balancer, frames: impl IntoIterator<Item = Vec<u8>>) {
+    for frame in frames {
+        b.datapath.run_packet(&frame).unwrap();
+    }
 }
 
 /// New flows' SYNs, with the options a Linux client sends, which the
@@ -198,7 +208,7 @@ pub fn run() -> (String, Vec<Check>) {
         let case = "backend's first answer (SYN-ACK), 3 backends";
         if wanted(case) {
             let b = balancer(&[1, 1, 1], 1_000_000);
-            let answers = syn_acks(&b);
+            let answers: Vec<Vec<u8>> = open_flows(&b).into_iter().enumerate().map(|(i, to)| syn_ack(to, i)).collect();
             let entries = b.datapath.flows().len();
             add(case, time(&b, &answers, XDP_PASS));
             assert_eq!(b.datapath.flows().len() - entries, CALLS, "every answer wrote its flow's reply entry");
@@ -209,19 +219,32 @@ pub fn run() -> (String, Vec<Check>) {
         let case = "client's ACK completing the handshake, 3 backends";
         if wanted(case) {
             let b = balancer(&[1, 1, 1], 1_000_000);
-            for answer in syn_acks(&b) {
-                b.datapath.run_packet(&answer).unwrap();
-            }
-            let acks: Vec<Vec<u8>> = (0..CALLS)
-                .map(|i| {
-                    let ack = Tcp::new(client(i), VIP, ACK).seq(CLIENT_ISN + 1).ack(BACKEND_ISN + 1);
-                    ack.tcp_options(&timestamp_options(i as u32)).frame()
-                })
-                .collect();
+            run_all(&b, open_flows(&b).into_iter().enumerate().map(|(i, to)| syn_ack(to, i)));
+            let acks: Vec<Vec<u8>> = (0..CALLS).map(handshake_ack).collect();
             add(case, time(&b, &acks, XDP_REDIRECT));
             let counts = b.datapath.active_counts(0).unwrap();
             let established: u64 = counts.active.iter().map(|&c| lb_common::established_count(c)).sum();
             assert_eq!(established, CALLS as u64, "every ACK completed its handshake");
+        }
+        // The backends close those connections: each FIN is judged against
+        // what its client has acknowledged, in the flow's forward entry.
+        let case = "backend's FIN on an established flow, 3 backends";
+        if wanted(case) {
+            let b = balancer(&[1, 1, 1], 1_000_000);
+            let backends = open_flows(&b);
+            run_all(&b, backends.iter().enumerate().map(|(i, &to)| syn_ack(to, i)));
+            run_all(&b, (0..CALLS).map(handshake_ack));
+            let fins: Vec<Vec<u8>> = backends
+                .iter()
+                .enumerate()
+                .map(|(i, &from)| {
+                    let fin = Tcp::new(from, client(i), FIN | ACK).seq(BACKEND_ISN + 1).ack(CLIENT_ISN + 1);
+                    fin.tcp_options(&timestamp_options(i as u32)).frame()
+                })
+                .collect();
+            add(case, time(&b, &fins, XDP_PASS));
+            let closing = b.datapath.flows().iter().filter(|(_, f)| f.direction == DIR_FORWARD && f.state & FLOW_BACKEND_FIN != 0).count();
+            assert_eq!(closing, CALLS, "every FIN was taken as its flow's");
         }
         // Full NAT: the SYN also takes a port (its reply entry inserted
         // only where free). The widest range, so the 20,000 flows fill a
