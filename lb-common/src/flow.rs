@@ -84,7 +84,8 @@ pub const FLOW_BACKEND_FIN: u32 = 2;
 /// An RST whose sequence number was exactly what its receiver expected.
 pub const FLOW_RESET: u32 = 4;
 /// Set by the expire program just before it deletes the flow; nothing else
-/// touches an expired entry.
+/// touches an expired entry. A SYN that takes a forward entry over holds it
+/// too, for the moment it rewrites the entry's fields.
 pub const FLOW_EXPIRED: u32 = 8;
 /// The client acknowledged the backend's SYN-ACK: the handshake is complete.
 pub const FLOW_ESTABLISHED: u32 = 16;
@@ -100,6 +101,14 @@ const FLOW_BOTH_FIN: u32 = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
 /// The high bits count reuses of the entry, so a compare-and-swap never
 /// mistakes a reused entry for the one it read.
 pub const FLOW_GENERATION_ONE: u32 = 1 << 8;
+
+/// The generation in a forward entry's `state`, as a reply entry keeps it
+/// (`Flow::forward_generation`): its low 16 bits, far more reuses than an
+/// entry sees while one packet is judged.
+#[inline(always)]
+pub const fn flow_generation(state: u32) -> u16 {
+    (state / FLOW_GENERATION_ONE) as u16
+}
 
 /// A flow no longer holds a connection slot on its backend.
 #[inline(always)]
@@ -182,7 +191,12 @@ pub struct Flow {
     pub ts_recent: u32,
     /// The CPU whose `HalfOpenCounts` count this flow while its handshake
     /// is under way: the one that opened it. Forward entries only.
-    pub opened_on: u32,
+    pub opened_on: u16,
+    /// Reply entries: the generation of the forward entry they were
+    /// written for (`flow_generation`). A CPU may still hold an old
+    /// connection's reply entry after a new connection took the 5-tuple
+    /// over; its segments are then never judged as the new one's.
+    pub forward_generation: u16,
 }
 
 /// Whether an endpoint in TIME_WAIT accepts a new connection's SYN on the

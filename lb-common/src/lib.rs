@@ -68,7 +68,7 @@ mod tests {
 /// layout is never misread even if its sizes happen to stay the same.
 pub const LAYOUT_HASH: u64 = {
     use core::mem::{offset_of, size_of};
-    let numbers: [usize; 78] = [
+    let numbers: [usize; 79] = [
         size_of::<ServiceKey>(), offset_of!(ServiceKey, addr), offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto),
         size_of::<Service>(), offset_of!(Service, id), offset_of!(Service, flags), offset_of!(Service, snat_addrs),
         offset_of!(Service, snat_count), offset_of!(Service, port_first),
@@ -91,6 +91,7 @@ pub const LAYOUT_HASH: u64 = {
         offset_of!(Flow, peer_port), offset_of!(Flow, mode), offset_of!(Flow, seq_next),
         offset_of!(Flow, acked), offset_of!(Flow, window), offset_of!(Flow, last_seen), offset_of!(Flow, hop),
         offset_of!(Flow, ts_seen), offset_of!(Flow, ts_recent), offset_of!(Flow, opened_on),
+        offset_of!(Flow, forward_generation),
         offset_of!(NextHop, at), offset_of!(NextHop, mtu),
         size_of::<BackendStats>(), offset_of!(BackendStats, new_flows), offset_of!(BackendStats, refused),
         offset_of!(BackendStats, unanswered), size_of::<Counters>(), COUNTER_COUNT,

@@ -49,6 +49,19 @@
 //! ones. Every change of state is atomic (fetch-or, compare-and-swap), so
 //! exactly one CPU or expire call sees a flow become established, or become
 //! closed, and only that one moves its count.
+//!
+//! Packets of one flow, or of two connections on the same ports, may be
+//! judged on several CPUs at once (a NIC's queues). The state's high bits
+//! count the entry's reuses (its generation), and a reply entry records the
+//! generation of the flow it was written for (`judged_forward`). A segment
+//! changes a flow only by compare-and-swap against the state it was judged
+//! by (`mark`, `note_answered`), so an old connection's straggler never
+//! changes the new connection that took its 5-tuple or its full-NAT port
+//! over meanwhile. A closed flow's state changes only when a SYN takes it
+//! over, so that SYN's claim never fails for a straggler's sake; the SYN
+//! marks the entry expired while it rewrites it, so no CPU judges the new
+//! generation with the old fields. The tests in
+//! `tests/tests/program/concurrency.rs` race each of these on two CPUs.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     programs::XdpContext,
@@ -58,7 +71,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
 };
 use lb_common::{
-    flow_closed, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, HalfOpenCounts,
+    flow_closed, flow_generation, flow_last_active, flow_timeout, mode_is_dsr, seq_after, time_wait_accepts, Backend, BackendOwner, Clock, Counter, Flow, FlowKey, HalfOpenCounts,
     RingCursor, Service, ServiceKey, Timeouts, DIR_FORWARD, DIR_HOLD, DIR_REPLY, MAX_SNAT_ADDRS, MODE_DSR, MODE_DSR_IPIP, MODE_FULLNAT,
     MODE_NAT, SERVICE_DSR, SERVICE_FULLNAT, SERVICE_IPIP, FLOW_ABORTED, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_ESTABLISHED, FLOW_EXPIRED,
     FLOW_ANSWERED, FLOW_GENERATION_ONE, FLOW_RESET, MAX_BACKENDS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
@@ -132,7 +145,11 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         // say): no flow of ours any more.
         return Tracked::Drop(Counter::OutOfState);
     }
-    if own.direction == DIR_REPLY && own.last_seen == 0 {
+    // A SYN-ACK is judged against the forward entry whenever it comes, not
+    // only while the reply entry waits for it: a straggler of an older
+    // connection, judged on another CPU while a new one took this entry
+    // over (a full-NAT port), may have written its time into it.
+    if own.direction == DIR_REPLY && (own.last_seen == 0 || flags & TCP_SYN != 0) {
         return first_answer(ctx, pkt, key, own, now);
     }
     let forward = own.direction == DIR_FORWARD;
@@ -169,10 +186,6 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
             own.acked = pkt.ack_seq();
             establish(own)
         }
-    } else if flags & TCP_SYN != 0 {
-        // A retransmitted SYN-ACK.
-        touch(own, now);
-        return Tracked::Forward;
     }
     if flags & TCP_RST == 0 && !plausible(own, pkt) {
         return Tracked::Drop(Counter::OutOfState);
@@ -240,11 +253,32 @@ fn settled(own: &Flow) -> bool {
 /// backend slot (a reused entry may not have).
 #[inline(always)]
 fn forward_of_reply(key: &FlowKey, reply: &Flow) -> Option<*mut Flow> {
+    judged_forward(key, reply).map(|(forward, _)| forward)
+}
+
+/// `forward_of_reply`, and the forward entry's state as it was judged: read
+/// before the fields that tie the entry to `reply`. A SYN rewriting the
+/// entry for a new flow marks it `FLOW_EXPIRED` until its fields are all
+/// written (`open`), so a state read without that mark belongs to the
+/// fields read after it. `reply` must have been written for this very
+/// flow (its generation), and not removed since: a CPU may still hold the
+/// reply entry of an old connection on these ports, or of one aged out.
+/// Whatever then changes the flow does it by compare-and-swap against the
+/// state judged (`mark`, `note_answered`), so a new flow that takes the
+/// entry over meanwhile is never changed by the old one's segments.
+#[inline(always)]
+fn judged_forward(key: &FlowKey, reply: &Flow) -> Option<(*mut Flow, u32)> {
     let forward = FLOWS.get_ptr_mut(&key.forward(reply))?;
-    let same = unsafe {
-        (*forward).direction == DIR_FORWARD && (*forward).service == reply.service && (*forward).slot == reply.slot
+    let (state, same) = unsafe {
+        let state = core::ptr::read_volatile(&(*forward).state);
+        let same = core::ptr::read_volatile(&(*forward).direction) == DIR_FORWARD
+            && core::ptr::read_volatile(&(*forward).service) == reply.service
+            && core::ptr::read_volatile(&(*forward).slot) == reply.slot
+            && flow_generation(state) == reply.forward_generation
+            && core::ptr::read_volatile(&reply.state) & FLOW_EXPIRED == 0;
+        (state, same)
     };
-    same.then_some(forward)
+    same.then_some((forward, state))
 }
 
 /// Whether the other side has acknowledged anything yet: the backend with
@@ -262,15 +296,18 @@ fn has_acked(peer: &Flow, forward_state: u32) -> bool {
 /// expects. Returns the drop reason, or marks the flow and returns `None`.
 #[inline(always)]
 fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter> {
-    let forward_entry = if own.direction == DIR_FORWARD { Some(own as *mut Flow) } else { forward_of_reply(key, own) };
-    let Some(forward) = forward_entry else {
+    let judged = if own.direction == DIR_FORWARD {
+        Some((own as *mut Flow, unsafe { core::ptr::read_volatile(&own.state) }))
+    } else {
+        judged_forward(key, own)
+    };
+    let Some((forward, state)) = judged else {
         return Some(Counter::OutOfState);
     };
     // The other direction's entry: a reply's is the forward entry just
     // found. A nat flow's reply entry may not be written yet (`lazy_reply`):
     // then the backend has not answered and has acknowledged nothing.
-    let peer = if own.direction == DIR_FORWARD { FLOWS.get_ptr_mut(&key.reply(own)) } else { forward_entry };
-    let state = unsafe { core::ptr::read_volatile(&(*forward).state) };
+    let peer = if own.direction == DIR_FORWARD { FLOWS.get_ptr_mut(&key.reply(own)) } else { Some(forward) };
     // The receiver, if it has acknowledged anything yet.
     let acked = peer.map(|p| unsafe { &*p }).filter(|p| has_acked(p, state));
     let seq = pkt.seq();
@@ -278,7 +315,7 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
         // Exact: what the receiver expects next, or (its acknowledgment may
         // lag what it has received) what the sender has sent up to.
         if seq == own.seq_next || acked.is_some_and(|peer| seq == peer.acked) {
-            close(key, own, forward, FLOW_RESET);
+            close(key, own, forward, FLOW_RESET, state);
             return None;
         }
         if acked.is_some_and(|peer| seq.wrapping_sub(peer.acked) < peer.window.max(1)) {
@@ -295,7 +332,7 @@ fn judge_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<Counter
     if offset >= slack && offset.wrapping_neg() > slack {
         return Some(Counter::FinOutOfWindow);
     }
-    close(key, own, forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN });
+    close(key, own, forward, if own.direction == DIR_FORWARD { FLOW_CLIENT_FIN } else { FLOW_BACKEND_FIN }, state);
     None
 }
 
@@ -313,8 +350,8 @@ fn judge_client_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<
     let near = offset < FIN_SLACK || offset.wrapping_neg() <= FIN_SLACK;
     if pkt.flags & TCP_RST != 0 {
         if seq == own.seq_next {
-            let forward: *mut Flow = own;
-            close(key, own, forward, FLOW_RESET);
+            let (forward, state): (*mut Flow, u32) = (own, own.state);
+            close(key, own, forward, FLOW_RESET, state);
             return None;
         }
         if near {
@@ -326,32 +363,32 @@ fn judge_client_close(pkt: &TcpPacket, key: &FlowKey, own: &mut Flow) -> Option<
     if !near {
         return Some(Counter::FinOutOfWindow);
     }
-    let forward: *mut Flow = own;
-    close(key, own, forward, FLOW_CLIENT_FIN | FLOW_BACKEND_FIN);
+    let (forward, state): (*mut Flow, u32) = (own, own.state);
+    close(key, own, forward, FLOW_CLIENT_FIN | FLOW_BACKEND_FIN, state);
     None
 }
 
-/// Marks a flow with a closing bit, seen in a packet of `own`'s direction;
-/// a flow this closes goes back into the ring of candidates for room, the
-/// first a full table takes.
+/// Marks a flow (as `judged`) with a closing bit, seen in a packet of
+/// `own`'s direction; a flow this closes goes back into the ring of
+/// candidates for room, the first a full table takes.
 #[inline(always)]
-fn close(key: &FlowKey, own: &Flow, forward: *mut Flow, bit: u32) {
-    if mark(forward, bit) {
+fn close(key: &FlowKey, own: &Flow, forward: *mut Flow, bit: u32, judged: u32) {
+    if mark(forward, bit, judged) {
         remember(&if own.direction == DIR_FORWARD { *key } else { key.forward(own) });
     }
 }
 
 /// The backend's first answer to the client's SYN: a SYN-ACK, or an RST
 /// refusing it, either acknowledging the SYN. Anything else on these ports
-/// is not from this connection.
+/// is not from this connection. Every SYN-ACK comes here, a retransmitted
+/// one too: forwarded as long as it still acknowledges the client's SYN.
 #[inline(always)]
 fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Flow, now: &Now) -> Tracked {
-    let Some(forward) = forward_of_reply(key, reply) else {
-        return Tracked::Drop(Counter::OutOfState);
-    };
     // The flow as it is judged here: its answer marks it, not a new flow
     // that takes the 5-tuple over meanwhile.
-    let judged = unsafe { core::ptr::read_volatile(&(*forward).state) };
+    let Some((forward, judged)) = judged_forward(key, reply) else {
+        return Tracked::Drop(Counter::OutOfState);
+    };
     let acks_syn = pkt.flags & TCP_ACK != 0 && pkt.ack_seq() == unsafe { (*forward).seq_next };
     if pkt.flags & TCP_RST != 0 {
         if !acks_syn {
@@ -364,11 +401,16 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
         if schedule::choose(reply.service as u32, reply.slot as u32).is_some() {
             return Tracked::RefusalSwallowed;
         }
-        close(key, reply, forward, FLOW_RESET);
+        close(key, reply, forward, FLOW_RESET, judged);
         return Tracked::Forward;
     }
     if pkt.flags & TCP_SYN == 0 || !acks_syn {
         return Tracked::Drop(Counter::OutOfState);
+    }
+    if judged & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 && reply.last_seen != 0 {
+        // A retransmitted SYN-ACK: what it says is known already.
+        touch(reply, now);
+        return Tracked::Forward;
     }
     reply.wscale = tcp_options(ctx, pkt).scale as u8;
     // The window of a SYN-ACK is never scaled (RFC 7323 §2.2).
@@ -376,7 +418,12 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     reply.seq_next = pkt.seq_end();
     reply.acked = pkt.ack_seq();
     reply.last_seen = now.ticks;
-    note_answered(unsafe { &mut *forward }, judged, reply.seq_next);
+    if !note_answered(unsafe { &mut *forward }, judged, reply.seq_next) {
+        // The client's retry moved the flow to another backend meanwhile
+        // (`open`): had this answer reached the client, it would take it and
+        // be stuck on a connection the balancer no longer sends to.
+        return Tracked::Drop(Counter::OutOfState);
+    }
     Tracked::Forward
 }
 
@@ -385,25 +432,41 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
 /// entry is still the flow that was judged (`judged`, its state then: the
 /// same generation) and open: a closing bit set on another CPU meanwhile
 /// is kept, and a new flow that took the 5-tuple over is left alone (its
-/// own answer marks it).
+/// own answer marks it). Returns whether the entry is still the flow
+/// judged; a SYN that moves a flow claims it by compare-and-swap too, and
+/// only an unanswered one (`open`), so of a late answer and the retry that
+/// moves its flow exactly one wins.
 #[inline(always)]
-fn note_answered(forward: &mut Flow, judged: u32, expected_ack: u32) {
-    for _ in 0..ANSWER_TRIES {
+fn note_answered(forward: &mut Flow, judged: u32, expected_ack: u32) -> bool {
+    for _ in 0..STATE_TRIES {
         let observed = unsafe { core::ptr::read_volatile(&forward.state) };
-        let same_flow = (observed ^ judged) & !FLAG_BITS == 0;
-        if !same_flow || observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 || flow_closed(observed) {
-            return;
+        if !same_flow(observed, judged) {
+            return false;
+        }
+        if observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 || flow_closed(observed) {
+            return true;
         }
         forward.acked = expected_ack;
         if atomic::compare_exchange(&mut forward.state, observed, observed | FLOW_ANSWERED) {
-            return;
+            return true;
         }
     }
+    // Lost every try to changes of the state bits alone: still this flow.
+    true
 }
 
-/// Each try loses only to another change of the flow's state bits, of
-/// which there are a handful.
-const ANSWER_TRIES: u32 = 4;
+/// Each try of a compare-and-swap on a flow's state (`note_answered`,
+/// `mark`) loses only to another change of its state bits, of which there
+/// are a handful.
+const STATE_TRIES: u32 = 4;
+
+/// A flow's state now (`observed`) is still that of the flow as it was
+/// judged (`judged`): the same generation, and neither being rewritten for
+/// a new flow nor deleted (`FLOW_EXPIRED`). Its state bits may differ.
+#[inline(always)]
+fn same_flow(observed: u32, judged: u32) -> bool {
+    (observed ^ judged) & !FLAG_BITS == 0 && (observed | judged) & FLOW_EXPIRED == 0
+}
 
 /// Follows what the sender has sent, acknowledged and offered.
 #[inline(always)]
@@ -447,16 +510,29 @@ fn establish(forward: *mut Flow) {
     }
 }
 
-/// Sets a state bit; takes the flow off its backend's count if this is what
-/// closed it.
+/// Sets a state bit on the flow as it was judged (`judged`: its state
+/// then); takes the flow off its backend's count if this is what closed it,
+/// and returns whether it did. By compare-and-swap, retried while only
+/// state bits change: a new flow that took the entry over meanwhile is left
+/// alone. A closed flow is never changed, so a SYN taking its 5-tuple over
+/// on another CPU (`open`) does not lose its claim, and its client its SYN,
+/// to a straggler of the old connection.
 #[inline(always)]
-fn mark(forward: *mut Flow, bit: u32) -> bool {
-    let before = atomic::fetch_or(unsafe { &mut (*forward).state }, bit);
-    let closed_now = !flow_closed(before) && flow_closed(before | bit);
-    if closed_now {
-        unsafe { release(&*forward, before) };
+fn mark(forward: *mut Flow, bit: u32, judged: u32) -> bool {
+    for _ in 0..STATE_TRIES {
+        let before = unsafe { core::ptr::read_volatile(&(*forward).state) };
+        if !same_flow(before, judged) || flow_closed(before) || before & bit == bit {
+            return false;
+        }
+        if atomic::compare_exchange(unsafe { &mut (*forward).state }, before, before | bit) {
+            let closed_now = flow_closed(before | bit);
+            if closed_now {
+                unsafe { release(&*forward, before) };
+            }
+            return closed_now;
+        }
     }
-    closed_now
+    false
 }
 
 #[inline(always)]
@@ -494,7 +570,8 @@ fn count_half_open(service: u16, slot: u16, sign: i32) {
 #[inline(always)]
 fn uncount_half_open(flow: &Flow) {
     let service = flow.service as u32;
-    let counts = unsafe { percpu_elem(&HALF_OPEN as *const _ as *mut c_void, &service, flow.opened_on) } as *mut HalfOpenCounts;
+    let cpu = flow.opened_on as u32;
+    let counts = unsafe { percpu_elem(&HALF_OPEN as *const _ as *mut c_void, &service, cpu) } as *mut HalfOpenCounts;
     if !counts.is_null() {
         let count = unsafe { &mut (*counts).count[(flow.slot as u32 & (MAX_BACKENDS - 1)) as usize] };
         atomic::add32(count, 1u32.wrapping_neg());
@@ -632,6 +709,16 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
         return Opened::Drop(None);
     };
     let scratch = unsafe { &mut *scratch };
+    // The state of the entry this flow takes over, read once: the new flow
+    // is its next generation, which the reply entry records (written before
+    // the entry is claimed, in full NAT). In the scratch: the stack has no
+    // room for them.
+    if let Some(entry) = existing {
+        scratch.taken = unsafe { core::ptr::read_volatile(&(*entry).state) };
+        scratch.generation = next_generation(scratch.taken);
+    } else {
+        scratch.generation = 0;
+    }
 
     // The reply entry, where the flow gets one with its SYN (full NAT, and
     // nat to a shared backend): the backend's answers get the VIP as their
@@ -642,6 +729,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     // under them (full NAT).
     let (peer_addr, peer_port) = if full_nat {
         new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
+        scratch.reply.forward_generation = flow_generation(scratch.generation);
         let syn = (pkt.seq(), options);
         let mut taken = take_port(key, service_row, &backend, &mut scratch.reply, syn);
         if taken == TABLE_FULL && make_room(now) {
@@ -677,7 +765,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     // The window of a SYN is never scaled (RFC 7323 §2.2).
     forward.window = pkt.window();
     forward.last_seen = now;
-    forward.opened_on = unsafe { bpf_get_smp_processor_id() };
+    forward.opened_on = unsafe { bpf_get_smp_processor_id() } as u16;
     let reply_key = key.reply(forward);
     let reply_entry = if mode == MODE_NAT { reply_entry_for(&backend, key) } else { ReplyEntry::Now(None) };
     let later = matches!(reply_entry, ReplyEntry::Later);
@@ -715,6 +803,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             }
         }
         new_entry(&mut scratch.reply, service, choice.slot, vip, client, DIR_REPLY, mode);
+        scratch.reply.forward_generation = flow_generation(scratch.generation);
         let (ip_diff, l4_diff) = reply_diffs(key, &backend, peer_addr, peer_port);
         scratch.reply.ip_csum_diff = ip_diff;
         scratch.reply.l4_csum_diff = l4_diff;
@@ -737,14 +826,25 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
 
     match existing {
         Some(entry) => {
-            let observed = unsafe { core::ptr::read_volatile(&(*entry).state) };
+            let observed = unsafe { core::ptr::read_volatile(&scratch.taken) };
             if observed & FLOW_EXPIRED != 0 {
-                // Being deleted right now; the client's retry finds it gone.
+                // Being deleted or rewritten right now; the client's retry
+                // finds it gone or new.
                 give_back(&reply_key);
                 return Opened::Drop(None);
             }
-            forward.state = next_generation(observed);
-            if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, forward.state) {
+            if !flow_closed(observed) && observed & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 {
+                // A live flow whose backend answered after all, since
+                // `unanswered` looked: the client gets that answer
+                // (`note_answered`), and this SYN is a retransmission.
+                give_back(&reply_key);
+                return Opened::Drop(None);
+            }
+            // Claimed, and marked expired while its fields are rewritten, so
+            // that no other CPU judges the new generation with the old
+            // fields (`judged_forward`).
+            let claimed = unsafe { core::ptr::read_volatile(&scratch.generation) } | FLOW_EXPIRED;
+            if !atomic::compare_exchange(unsafe { &mut (*entry).state }, observed, claimed) {
                 give_back(&reply_key);
                 return Opened::Drop(None);
             }
@@ -760,7 +860,12 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
             if old_reply_key != reply_key || later {
                 release_reply(key, &old_reply_key, unsafe { &*entry }, observed, now);
             }
+            forward.state = claimed;
             unsafe { *entry = *forward };
+            // Nothing else changes an expired entry: this only orders the
+            // new state after the fields (a plain store might not be).
+            atomic::compare_exchange(unsafe { &mut (*entry).state }, claimed, claimed & !FLOW_EXPIRED);
+            forward.state = claimed & !FLOW_EXPIRED;
         }
         None => {
             if let Err(e) = insert_making_room(key, forward, BPF_NOEXIST as u64, now) {
@@ -780,7 +885,7 @@ pub fn open(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, existing: Option<*
     if insert_making_room(&reply_key, reply, BPF_ANY as u64, now).is_err() {
         // Without its reply entry the flow cannot work: close it again.
         if let Some(entry) = FLOWS.get_ptr_mut(key) {
-            mark(entry, FLOW_RESET);
+            mark(entry, FLOW_RESET, forward.state);
         }
         return Opened::Drop(Some(Counter::TableFull));
     }
@@ -891,15 +996,17 @@ fn write_lazy_reply(key: &FlowKey) -> i32 {
     let Some(forward) = FLOWS.get_ptr(&forward_key) else {
         return LAZY_NOT_OURS;
     };
+    // The state first, then the fields it belongs to (`judged_forward`).
+    let state = unsafe { core::ptr::read_volatile(&(*forward).state) };
     let (service, slot, ours) = unsafe {
         (
-            (*forward).service,
-            (*forward).slot,
-            (*forward).direction == DIR_FORWARD
-                && (*forward).mode == MODE_NAT
-                && (*forward).nat_addr == key.saddr
-                && (*forward).nat_port == key.sport
-                && !flow_closed((*forward).state),
+            core::ptr::read_volatile(&(*forward).service),
+            core::ptr::read_volatile(&(*forward).slot),
+            core::ptr::read_volatile(&(*forward).direction) == DIR_FORWARD
+                && core::ptr::read_volatile(&(*forward).mode) == MODE_NAT
+                && core::ptr::read_volatile(&(*forward).nat_addr) == key.saddr
+                && core::ptr::read_volatile(&(*forward).nat_port) == key.sport
+                && !flow_closed(state),
         )
     };
     let Some(scratch) = OPEN_SCRATCH.get_ptr_mut(0) else {
@@ -912,6 +1019,7 @@ fn write_lazy_reply(key: &FlowKey) -> i32 {
     let client = (key.daddr, key.dport);
     let (ip_diff, l4_diff) = csum_diffs((key.saddr, key.sport), (vip, port), client, client);
     new_entry(reply, service, slot, (vip, port), client, DIR_REPLY, MODE_NAT);
+    reply.forward_generation = flow_generation(state);
     reply.ip_csum_diff = ip_diff;
     reply.l4_csum_diff = l4_diff;
     match FLOWS.insert(key, reply, BPF_NOEXIST as u64) {
@@ -1369,7 +1477,9 @@ unsafe fn percpu_elem(map: *mut c_void, key: &u32, cpu: u32) -> *mut c_void {
 #[inline(always)]
 pub fn reset(key: &FlowKey) -> bool {
     match FLOWS.get_ptr_mut(key) {
-        Some(forward) if unsafe { (*forward).direction } == DIR_FORWARD => mark(forward, FLOW_ABORTED),
+        Some(forward) if unsafe { (*forward).direction } == DIR_FORWARD => {
+            mark(forward, FLOW_ABORTED, unsafe { core::ptr::read_volatile(&(*forward).state) })
+        }
         _ => false,
     }
 }

@@ -97,6 +97,10 @@ pub static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entrie
 pub struct OpenScratch {
     pub forward: Flow,
     pub reply: Flow,
+    /// The state of the entry the new flow takes over, as read once, and
+    /// the new flow's state from it (its next generation; 0 in a new entry).
+    pub taken: u32,
+    pub generation: u32,
 }
 
 #[map]

@@ -131,6 +131,16 @@ pub fn with_table<T: Send>(weights: &[u32], max_flows: u32, test: impl FnOnce(&m
     ns.run(move || test(&mut balancer_scheduling(&weights, max_flows, Scheduler::LeastConn)))
 }
 
+/// A routed namespace and a fresh program serving VIP in full NAT over
+/// backends with `weights`, from the balancer's source ports `ports`, for
+/// one test.
+pub fn with_full_nat<T: Send>(weights: &[u32], ports: [u16; 2], test: impl FnOnce(&mut Balancer) -> T + Send) -> T {
+    let _serial = serial();
+    let ns = routed_host(4);
+    let weights = weights.to_vec();
+    ns.run(move || test(&mut balancer_full_nat(&weights, 1024, ports)))
+}
+
 /// `with_balancer`, the service choosing backends by `scheduler`.
 pub fn with_balancer_scheduling<T: Send>(
     weights: &[u32],

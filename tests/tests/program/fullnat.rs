@@ -16,16 +16,9 @@ use lb_tests::{
         icmp_error, inspect, inspect_icmp, linux_syn_options, quoted_tcp_checksum_is_right, timestamp_options, Tcp, ACK, BACKEND_ISN,
         CLIENT_ISN, FIN, PSH, RST, SYN,
     },
-    routed::{backend, balancer_full_nat, client, counter, routed_host, run, BALANCER, CLIENT, VIP},
+    routed::{backend, client, counter, routed_host, run, with_full_nat, BALANCER, CLIENT, VIP},
     serial,
 };
-
-fn with_full_nat<T: Send>(weights: &[u32], ports: [u16; 2], test: impl FnOnce(&mut lb::reconcile::Balancer) -> T + Send) -> T {
-    let _serial = serial();
-    let ns = routed_host(4);
-    let weights = weights.to_vec();
-    ns.run(move || test(&mut balancer_full_nat(&weights, 1024, ports)))
-}
 
 /// The client's SYN from `port`: where it went, as (balancer side, backend).
 fn syn(b: &lb::reconcile::Balancer, port: u16) -> Option<(SocketAddrV4, SocketAddrV4)> {

@@ -1,5 +1,6 @@
 //! The XDP program on crafted packets through BPF_PROG_TEST_RUN, one module
 //! per feature; shared set-up in `lb_tests::routed` and `lb_tests::packet`.
+mod concurrency;
 mod counts;
 mod datapath;
 mod dsr;
