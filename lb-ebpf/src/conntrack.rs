@@ -60,7 +60,10 @@
 //! over meanwhile. A closed flow's state changes only when a SYN takes it
 //! over, so that SYN's claim never fails for a straggler's sake; the SYN
 //! marks the entry expired while it rewrites it, so no CPU judges the new
-//! generation with the old fields. The tests in
+//! generation with the old fields. Aging (`expire`) claims a flow it
+//! found idle, then reads its times again, and gives it back if a segment
+//! noted one meanwhile; a segment notes its time, then reads the state,
+//! and stops if the flow is claimed (`touched`). The tests in
 //! `tests/tests/program/concurrency.rs` race each of these on two CPUs.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -134,8 +137,7 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
         if !plausible(own, pkt) {
             return Tracked::Drop(Counter::OutOfState);
         }
-        learn(own, pkt, now);
-        return Tracked::Forward;
+        return learned(own, pkt, now);
     }
     if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0 {
         return Tracked::Drop(Counter::MalformedTcp);
@@ -159,13 +161,11 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
             // Trailing segments of a closed flow (the last ACK, a
             // retransmitted FIN) still reach their endpoint.
             note_closing_timestamp(ctx, pkt, own);
-            touch(own, now);
-            return Tracked::Forward;
+            return touched(own, now);
         }
         if flags & TCP_SYN != 0 {
             // A retransmitted SYN (`syn_opens` decided it opens nothing).
-            touch(own, now);
-            return Tracked::Forward;
+            return touched(own, now);
         }
         if state & FLOW_ESTABLISHED == 0 && flags & TCP_RST == 0 {
             // The client's ACK completing the handshake, or a stray.
@@ -184,7 +184,9 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
             }
             // From here on its acknowledgments are followed.
             own.acked = pkt.ack_seq();
-            establish(own)
+            if !establish(own) {
+                return Tracked::Drop(Counter::OutOfState);
+            }
         }
     }
     if flags & TCP_RST == 0 && !plausible(own, pkt) {
@@ -208,8 +210,7 @@ pub fn track(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, entry: *mut Flow,
             return Tracked::Forward;
         }
     }
-    learn(own, pkt, now);
-    Tracked::Forward
+    learned(own, pkt, now)
 }
 
 /// Keeps the timestamp of a full-NAT client's closing segment: should the
@@ -409,8 +410,7 @@ fn first_answer(ctx: &XdpContext, pkt: &TcpPacket, key: &FlowKey, reply: &mut Fl
     }
     if judged & (FLOW_ANSWERED | FLOW_ESTABLISHED) != 0 && reply.last_seen != 0 {
         // A retransmitted SYN-ACK: what it says is known already.
-        touch(reply, now);
-        return Tracked::Forward;
+        return touched(reply, now);
     }
     reply.wscale = tcp_options(ctx, pkt).scale as u8;
     // The window of a SYN-ACK is never scaled (RFC 7323 §2.2).
@@ -469,6 +469,14 @@ fn same_flow(observed: u32, judged: u32) -> bool {
 }
 
 /// Follows what the sender has sent, acknowledged and offered.
+/// Learns from a segment judged to be this connection's (`learn`), and
+/// whether it goes on (`touched`).
+#[inline(always)]
+fn learned(own: &mut Flow, pkt: &TcpPacket, now: &Now) -> Tracked {
+    learn(own, pkt, now);
+    touched(own, now)
+}
+
 #[inline(always)]
 fn learn(own: &mut Flow, pkt: &TcpPacket, now: &Now) {
     let end = pkt.seq_end();
@@ -487,20 +495,51 @@ fn learn(own: &mut Flow, pkt: &TcpPacket, now: &Now) {
             own.window = window;
         }
     }
-    touch(own, now);
 }
 
+/// Notes the segment's time on its entry (at most every `touch_every`),
+/// and whether it goes on: not if the agent's aging or a full table is
+/// removing the flow right now (`expire`). The time is stored with a full
+/// barrier and the state read after it, while `expire` claims the state
+/// and reads the times after that: so either `expire` sees this time and
+/// keeps the flow, or this sees the claim and the segment stops with the
+/// flow. Never the segment through and the flow gone under it, where its
+/// connection's next segment would find nothing, and the endpoint answer
+/// it with an RST. A flow noted within `touch_every` is not idle, and no
+/// timeout is shorter: `expire` does not take it.
 #[inline(always)]
-fn touch(own: &mut Flow, now: &Now) {
-    if now.ticks.wrapping_sub(own.last_seen) >= now.touch_every {
-        own.last_seen = now.ticks;
+fn touched(own: &mut Flow, now: &Now) -> Tracked {
+    if !touch(own, now) {
+        return Tracked::Forward;
     }
+    if unsafe { core::ptr::read_volatile(&own.state) } & FLOW_EXPIRED != 0 {
+        return Tracked::Drop(Counter::OutOfState);
+    }
+    Tracked::Forward
+}
+
+/// Notes the segment's time on its entry, at most every `touch_every`;
+/// returns whether it did.
+#[inline(always)]
+fn touch(own: &mut Flow, now: &Now) -> bool {
+    if now.ticks.wrapping_sub(own.last_seen) < now.touch_every {
+        return false;
+    }
+    atomic::store_fenced(&mut own.last_seen, now.ticks);
+    true
 }
 
 /// The client completed the handshake: the flow counts as established.
+/// Returns false if the flow is being removed (`expire`) right now: its
+/// ACK goes no further, and should `expire` keep the flow after all, it
+/// takes the bit off again, so the client's next segment completes the
+/// handshake.
 #[inline(always)]
-fn establish(forward: *mut Flow) {
+fn establish(forward: *mut Flow) -> bool {
     let before = atomic::fetch_or(unsafe { &mut (*forward).state }, FLOW_ESTABLISHED);
+    if before & FLOW_EXPIRED != 0 {
+        return false;
+    }
     if before & FLOW_ESTABLISHED == 0 && !flow_closed(before) {
         unsafe { uncount_half_open(&*forward) };
         if let Some(count) = unsafe { slot_count((*forward).service, (*forward).slot) } {
@@ -508,6 +547,7 @@ fn establish(forward: *mut Flow) {
         }
         stats::count(Counter::Established);
     }
+    true
 }
 
 /// Sets a state bit on the flow as it was judged (`judged`: its state
@@ -1535,13 +1575,30 @@ pub fn expire(key: &FlowKey, timeouts: &Timeouts, now: u64) -> bool {
     if !atomic::compare_exchange(unsafe { &mut (*forward).state }, observed, observed | FLOW_EXPIRED) {
         return false; // a packet changed it meanwhile: not idle after all
     }
+    let reply = reply_is_ours.filter(|&reply| {
+        reply_state & FLOW_EXPIRED == 0
+            && atomic::compare_exchange(unsafe { &mut (*reply).state }, reply_state, reply_state | FLOW_EXPIRED)
+    });
+    // Claimed. A segment notes its time before it reads its entry's state
+    // (`touched`): one that did so before these claims shows now, and the
+    // flow stays; one after them sees a claim and goes no further.
+    let replied_at = reply.map_or(replied_at, |reply| unsafe { core::ptr::read_volatile(&(*reply).last_seen) });
+    let latest = flow_last_active(observed, unsafe { core::ptr::read_volatile(&(*forward).last_seen) }, replied_at);
+    if now.saturating_sub(latest) < flow_timeout(timeouts, observed, unsafe { (*forward).mode }) {
+        // Given back as it was. Nothing changes a claimed entry's state
+        // (`same_flow`) but a handshake's ACK (`establish`), which counted
+        // nothing and went no further: its bit goes too.
+        if let Some(reply) = reply {
+            atomic::and(unsafe { &mut (*reply).state }, !FLOW_EXPIRED);
+        }
+        atomic::and(unsafe { &mut (*forward).state }, !(FLOW_EXPIRED | (FLOW_ESTABLISHED & !observed)));
+        return false;
+    }
     if !flow_closed(observed) {
         unsafe { release(&*forward, observed) };
     }
-    if let Some(reply) = reply_is_ours {
-        if reply_state & FLOW_EXPIRED == 0 {
-            remove_claimed(reply, reply_state, &reply_key);
-        }
+    if reply.is_some() {
+        let _ = FLOWS.remove(&reply_key);
     }
     let _ = FLOWS.remove(key);
     true

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb::datapath::{Maps, XDP_REDIRECT};
-use lb_common::{FlowKey, DIR_FORWARD, FLOW_ANSWERED};
+use lb_common::{FlowKey, Timeouts, DIR_FORWARD, FLOW_ANSWERED, FLOW_ESTABLISHED, FLOW_EXPIRED};
 use lb_tests::{
     packet::{inspect, Tcp, ACK, BACKEND_ISN, CLIENT_ISN, FIN, PSH, RST, SYN},
     routed::{active, backend, client, half_open, on_cpu, run, syn, with_full_nat, with_table, Conn, BALANCER, VIP},
@@ -64,14 +64,19 @@ fn one_side<T>(cpu: usize, flows: usize, meet: &(impl Fn(usize) + Sync), step: i
         .collect()
 }
 
-/// The forward entry of the flow from the client's `port`.
-fn forward_entry(b: &lb::reconcile::Balancer, port: u16) -> lb_common::Flow {
-    let key = FlowKey {
+/// The key of the forward entry of the flow from the client's `port`.
+fn forward_key(port: u16) -> FlowKey {
+    FlowKey {
         saddr: u32::from(*client(port).ip()).to_be(),
         daddr: u32::from(*VIP.ip()).to_be(),
         sport: port.to_be(),
         dport: VIP.port().to_be(),
-    };
+    }
+}
+
+/// The forward entry of the flow from the client's `port`.
+fn forward_entry(b: &lb::reconcile::Balancer, port: u16) -> lb_common::Flow {
+    let key = forward_key(port);
     let flows = b.datapath.flows();
     let (_, flow) = flows.iter().find(|(k, f)| *k == key && f.direction == DIR_FORWARD).expect("the flow's entry");
     *flow
@@ -304,6 +309,89 @@ fn in_full_nat_a_port_taken_over_while_the_backend_still_sends_on_it_serves_only
             |k| run(b, &last_segment(k)).0,
         );
         assert_eq!((active(b), half_open(b)), (vec![0], vec![0]));
+        let (checked, differing) = b.verify_counts().unwrap();
+        assert!(differing.is_empty(), "{differing:?} of {checked}");
+    });
+}
+
+#[test]
+fn a_flow_aged_out_exactly_as_its_next_segment_goes_through_is_kept_or_that_segment_stopped() {
+    // The agent's aging finds a flow idle and removes it, while the flow's
+    // first segment in a while goes through on another CPU. Either the
+    // segment counts (the flow is kept), or the flow goes and the segment
+    // with it; never the segment through and the flow gone under it, so
+    // that the connection's next segment finds nothing and the endpoint
+    // answers it with an RST. The segment is the client's data, the
+    // backend's, or the client's ACK completing a handshake (a flow aged
+    // as half-open).
+    with_table(&[1, 1, 1], 8192, |b| {
+        on_cpu(0);
+        let n = usize::from(FLOWS);
+        let completes = |i: usize| i % 3 == 2;
+        let conns: Vec<Conn> = (0..FLOWS)
+            .map(|i| {
+                let port = FIRST_PORT + i;
+                if completes(usize::from(i)) {
+                    let (_, conn) = Conn::syn(b, port, CLIENT_ISN);
+                    let mut conn = conn.expect("the SYN opens a flow");
+                    conn.answer(b, BACKEND_ISN);
+                    conn
+                } else {
+                    Conn::open(b, port, CLIENT_ISN, BACKEND_ISN)
+                }
+            })
+            .collect();
+        // Idle past this (the program notes a flow's time at most every
+        // quarter of a second, so a flow idle for it is always noted again).
+        let idle_after = Timeouts { syn: 400_000_000, established: 400_000_000, ..Timeouts::default() };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let segment = |i: usize| match i % 3 {
+            0 => conns[i].client_segment(ACK | PSH, b"ping"),
+            1 => conns[i].backend_segment(ACK | PSH, b"pong"),
+            _ => conns[i].client_segment(ACK, b""),
+        };
+        let segments: Vec<Vec<u8>> = (0..n).map(|i| segment(i).frame()).collect();
+        let keys: Vec<FlowKey> = conns.iter().map(|c| forward_key(c.port)).collect();
+        let (sent, aged) = in_step(
+            n,
+            |i| run(b, &segments[i]).0,
+            |i| b.datapath.expire(&keys[i..i + 1], &idle_after).unwrap(),
+        );
+
+        let mut kept = 0u64;
+        for (i, conn) in conns.iter().enumerate() {
+            let present = b.datapath.flow(&keys[i]).is_some();
+            let port = conn.port;
+            assert_eq!(present, aged[i] == 0, "port {port}: aged {}, entry there: {present}", aged[i]);
+            let through = sent[i] == XDP_REDIRECT;
+            if through {
+                assert!(present, "port {port}: its segment went through and its flow was aged out under it");
+            }
+            if !present {
+                continue;
+            }
+            kept += 1;
+            let state = forward_entry(b, port).state;
+            assert_eq!(state & FLOW_EXPIRED, 0, "port {port}: kept, and not left claimed");
+            if completes(i) && through {
+                // Established when its ACK went through. One stopped may
+                // have established it first, or not: then the client's
+                // next segment completes it.
+                assert_eq!(state & FLOW_ESTABLISHED, FLOW_ESTABLISHED, "port {port}: its ACK went through");
+            }
+            // The next segments, both ways, still find it.
+            let mut conn = conn.clone();
+            if through && !completes(i) {
+                let _ = if i % 3 == 0 { conn.send_client(b, ACK | PSH, b"ping") } else { conn.send_backend(b, ACK | PSH, b"pong") };
+            }
+            assert_eq!(conn.send_client(b, ACK | PSH, b"again").0, XDP_REDIRECT, "port {port}");
+            assert_eq!(conn.send_backend(b, ACK | PSH, b"again").0, XDP_REDIRECT, "port {port}");
+        }
+        let stopped = sent.iter().filter(|&&v| v != XDP_REDIRECT).count();
+        eprintln!("{kept} of {FLOWS} flows kept, {stopped} segments stopped");
+        // Both outcomes happened: the two CPUs' runs did overlap.
+        assert!(kept > 0 && kept < u64::from(FLOWS), "{kept} of {FLOWS} flows kept");
+        assert_eq!((active(b).iter().sum::<u64>(), half_open(b).iter().sum::<u64>()), (kept, 0), "the kept flows, and only they, counted");
         let (checked, differing) = b.verify_counts().unwrap();
         assert!(differing.is_empty(), "{differing:?} of {checked}");
     });
