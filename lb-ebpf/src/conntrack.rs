@@ -468,7 +468,6 @@ fn same_flow(observed: u32, judged: u32) -> bool {
     (observed ^ judged) & !FLAG_BITS == 0 && (observed | judged) & FLOW_EXPIRED == 0
 }
 
-/// Follows what the sender has sent, acknowledged and offered.
 /// Learns from a segment judged to be this connection's (`learn`), and
 /// whether it goes on (`touched`).
 #[inline(always)]
@@ -477,6 +476,7 @@ fn learned(own: &mut Flow, pkt: &TcpPacket, now: &Now) -> Tracked {
     touched(own, now)
 }
 
+/// Follows what the sender has sent, acknowledged and offered.
 #[inline(always)]
 fn learn(own: &mut Flow, pkt: &TcpPacket, now: &Now) {
     let end = pkt.seq_end();
